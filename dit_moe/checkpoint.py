@@ -1,0 +1,213 @@
+"""The checkpoint format: one self-describing directory.
+
+    <checkpoint>/
+        config.json          format tag, step, model + routing config (enough to rebuild), full experiment config,
+                             data description (VAE, scaling factor, classes) and free-form metadata
+        model.safetensors    model state dict (parameters and persistent buffers: router controller, default vectors)
+        ema.safetensors      EMA weights, same keys (optional)
+        ...                  anything a ``write_extra`` callback adds (the trainer puts the Accelerate state here)
+
+Writes are atomic: everything is written into a temporary sibling directory, flushed, then renamed into place,
+so an interrupted save never leaves a half-written checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, from_dict
+
+FORMAT = "dit-moe/1"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the model; the message names the path."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model_config: ModelConfig
+    routing_config: RoutingConfig
+    experiment: Optional[ExperimentConfig]
+    data_info: Optional[dict]
+    meta: dict = field(default_factory=dict)
+
+    def state_dict(self, which: str = "ema") -> dict:
+        """Load the weights: ``ema`` (falls back to ``model`` when no EMA was saved) or ``model``."""
+        if which not in ("ema", "model"):
+            raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+        file = self.path / (EMA_FILE if which == "ema" else MODEL_FILE)
+        if which == "ema" and not file.exists():
+            file = self.path / MODEL_FILE
+        return _load_tensors(file)
+
+
+def _load_tensors(file: Path) -> dict:
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing weights file")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _state_for_saving(module: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    ema: Optional[torch.nn.Module] = None,
+    *,
+    step: int = 0,
+    experiment: Optional[ExperimentConfig] = None,
+    data_info: Optional[dict] = None,
+    meta: Optional[dict] = None,
+    write_extra: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Write ``model`` (and ``ema``) with their configs to the directory ``path``, atomically."""
+    path = Path(path)
+    if not hasattr(model, "model_config"):
+        raise CheckpointError("save_checkpoint needs a model built by dit_moe.registry.build_model (no model_config)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        config = {
+            "format": FORMAT,
+            "step": int(step),
+            "model": asdict(model.model_config),
+            "routing": asdict(model.routing_config),
+            "experiment": experiment.to_dict() if experiment is not None else None,
+            "data_info": data_info,
+            "meta": meta or {},
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_file(_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+        if ema is not None:
+            save_file(_state_for_saving(ema), str(tmp / EMA_FILE), metadata={"format": FORMAT})
+        if write_extra is not None:
+            write_extra(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / MODEL_FILE).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoints of a run (``<run>/checkpoints/step-*``), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if is_checkpoint(p))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if is_checkpoint(path):
+        return path
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if found:
+            return found[-1]
+        if (path / CONFIG_FILE).exists():
+            raise CheckpointError(f"{path}: checkpoint has no {MODEL_FILE}")
+        raise CheckpointError(f"{path}: not a checkpoint (no {CONFIG_FILE}) and no checkpoints under {path / 'checkpoints'}")
+    raise CheckpointError(f"{path}: a checkpoint is a directory with {CONFIG_FILE} and {MODEL_FILE}")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint's description (weights are loaded on demand by ``Checkpoint.state_dict``)."""
+    path = resolve_checkpoint(path)
+    cfg_file = path / CONFIG_FILE
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: corrupt checkpoint description ({e})") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: not a dit-moe checkpoint (format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})")
+    try:
+        model_cfg = from_dict(ModelConfig, config["model"], "model")
+        routing_cfg = from_dict(RoutingConfig, config["routing"], "routing")
+        experiment = ExperimentConfig.from_dict(config["experiment"]) if config.get("experiment") else None
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{cfg_file}: invalid configuration: {e}") from e
+    return Checkpoint(path, int(config.get("step", 0)), model_cfg, routing_cfg, experiment,
+                      config.get("data_info"), config.get("meta", {}))
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, which: str = "ema") -> Checkpoint:
+    """Load a checkpoint's weights into ``model``, refusing a checkpoint of another architecture."""
+    ckpt = load_checkpoint(path)
+    mine = (asdict(model.model_config), asdict(model.routing_config)) if hasattr(model, "model_config") else None
+    theirs = (asdict(ckpt.model_config), asdict(ckpt.routing_config))
+    if mine is not None and mine != theirs:
+        diff = [f"{sec}.{k}: checkpoint {theirs[i][k]!r} vs model {mine[i][k]!r}"
+                for i, sec in enumerate(("model", "routing")) for k in theirs[i] if theirs[i][k] != mine[i].get(k)]
+        raise CheckpointError(f"{ckpt.path}: checkpoint of another architecture ({'; '.join(diff)})")
+    state = ckpt.state_dict(which)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{ckpt.path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]})")
+    model.load_state_dict(state)
+    return ckpt
+
+
+def build_from_checkpoint(path: str | Path, which: str = "ema", device: str | torch.device = "cpu"):
+    """Rebuild the model from the checkpoint alone and load its (EMA by default) weights; returns (model, checkpoint)."""
+    from .registry import build_model
+
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt.model_config, ckpt.routing_config)
+    load_weights(model, ckpt.path, which)
+    return model.to(device).eval(), ckpt

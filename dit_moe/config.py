@@ -1,0 +1,285 @@
+"""Typed, validated experiment configuration.
+
+An experiment is five sections of plain data -- model, routing, data, train, sample -- read from YAML and
+overridden from the command line with dotted keys (``train.lr=2e-4``). Every key is checked against the
+dataclass fields: an unknown key or a value of the wrong type is a ``ConfigError`` that names the key and
+lists the valid ones, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                              Sections
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``name`` is a registry name (``DiT-S/2``, ``DiT-B/2-E8K2``); the data decides the rest."""
+    name: str = "DiT-T/2-E8K2"
+    input_size: int = 32              # latent side length (256px ImageNet -> 32)
+    in_channels: int = 4
+    num_classes: int = 1000           # the null (unconditional) class index is num_classes
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    grad_checkpointing: bool = False
+    # MoE experts (ignored for dense names)
+    expert_kind: str = "gelu"         # gelu (DiT's MLP) | swiglu (DiT-MoE's experts)
+    expert_hidden_ratio: float = 4.0  # expert hidden width = ratio * hidden_size (fine-grained experts: lower it)
+    num_shared_experts: int = 0       # always-active experts (DiT-MoE uses one of width 2D)
+    shared_hidden_ratio: float = 2.0
+    moe_every: int = 1                # every n-th block is MoE (1 = all blocks, as DiT-MoE)
+
+
+@dataclass
+class RoutingConfig:
+    """Router family and hyper-parameters; ``None`` means the router's published default (routing-spec.md)."""
+    type: str = "topk"                      # topk | topp | dtopp
+    renormalize: Optional[bool] = None      # topk/topp: False, dtopp: True
+    lb_coef: Optional[float] = None         # load-balance loss; topk/topp: 0.01, dtopp: 1e-4
+    lb_global: bool = False                 # all-reduce load statistics over ranks
+    entropy_coef: Optional[float] = None    # topk: 0, topp: 0, dtopp: 1e-3
+    threshold: float = 0.4                  # topp: fixed p (Huang et al.)
+    k_max: Optional[int] = None             # topp/dtopp: hard cap on experts per token (None: no cap)
+    # DTop-p controller
+    target: Optional[float] = None          # target mean activated experts per token (None: the name's K)
+    scope: str = "global"                   # global | layer
+    kp: float = 1.0
+    ki: float = 0.1
+    p0: Optional[float] = None              # None: target / num_experts
+    p_min: float = 0.01
+    p_max: float = 0.99
+    i_max: Optional[float] = None           # anti-windup bound on the integral; None: 1 / ki
+    drn_log_scale_max: float = 3.0          # DRN scale s = exp(theta), theta clamped to [-max, max]
+    # Default MoE (composes with every router)
+    default_moe: bool = False
+    default_mode: str = "grad_only"         # grad_only | forward
+    default_beta: float = 0.99
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"          # builtin | latents
+    path: Optional[str] = None       # builtin: dataset name (default digits); latents: extraction folder
+    flip: bool = True                # latents: pick the stored horizontal flip at random
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs"
+    run_name: Optional[str] = None   # None: derived from the config file name
+    seed: int = 0
+    steps: int = 1000
+    global_batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"    # constant | cosine
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = 1.0
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"      # no | fp16 | bf16
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 2
+    sample_every: int = 0            # 0: only at the end
+    tracker: Optional[str] = "tensorboard"   # tensorboard | wandb | None
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddpm"            # ddpm | ddim | dpm
+    steps: int = 250
+    cfg_scale: float = 1.5
+    guidance_channels: Optional[int] = None   # None: all latent channels; 3: DiT's legacy behaviour
+    num_per_class: int = 8
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "ExperimentConfig":
+        return from_dict(cls, d, where)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                        Validation and coercion
+# ---------------------------------------------------------------------------------------------------------
+
+CHOICES = {
+    "model.expert_kind": ("gelu", "swiglu"),
+    "routing.type": ("topk", "topp", "dtopp"),
+    "routing.scope": ("global", "layer"),
+    "routing.default_mode": ("grad_only", "forward"),
+    "data.source": ("builtin", "latents"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.tracker": ("tensorboard", "wandb", None),
+    "sample.sampler": ("ddpm", "ddim", "dpm"),
+}
+
+
+def _to_plain(x):
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def from_dict(cls, d: dict, where: str = "config"):
+    """Build dataclass ``cls`` from a nested dict, validating every key, type and choice."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        key = name if where == "config" else f"{where}.{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+                raise ConfigError(f"{key}: {value!r} is not one of {CHOICES[key]}")
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value, read as YAML so ``2e-4``, ``true``, ``null`` and ``[0.9, 0.95]`` work."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "2e-4" as a string; accept it as a float.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides to a nested dict (validated later by ``from_dict``)."""
+    d = json.loads(json.dumps(d))  # deep copy of plain data
+    valid_sections = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=2e-4")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: expected section.key=value with section in {valid_sections}")
+        section, name = parts
+        if section not in valid_sections:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; valid sections: {', '.join(valid_sections)}")
+        d.setdefault(section, {})
+        if d[section] is None:
+            d[section] = {}
+        d[section][name] = _parse_scalar(text)
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    d: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(d).__name__}")
+    d = apply_overrides(d, overrides or [])
+    try:
+        return ExperimentConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'defaults'}: {e}") from None
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
