@@ -94,6 +94,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: Optional[float] = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False         # decay min(ema_decay, (1+step)/(10+step)): short runs forget the init sooner
     mixed_precision: str = "no"      # no | fp16 | bf16
     log_every: int = 50
     ckpt_every: int = 1000
