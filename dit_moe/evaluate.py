@@ -113,20 +113,36 @@ class ImageFolderDataset(Dataset):
 
 
 class NpzImageDataset(Dataset):
-    """`arr_0` of an ADM-style npz (uint8, N x H x W x 3) as uint8 (3, H, W) items."""
+    """
+    `arr_0` of an ADM-style npz (uint8, N x H x W x 3) as uint8 (3, H, W) items.
 
-    def __init__(self, path, array):
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3) like ADM sample batches, got dtype "
-                             f"{array.dtype} shape {array.shape}")
-        if array.shape[0] == 0:
-            raise ValueError(f"{path}: arr_0 holds no images")
-        self.path = path
-        self.array = array
-        self.resolution = tuple(array.shape[1:3])
+    Stored (uncompressed) members are memory-mapped; compressed ones are decompressed on first access only,
+    so a reference batch whose FID comes from its mu/sigma never reads its 10K images.
+    """
+
+    def __init__(self, path, key="arr_0"):
+        self.path, self.key = path, key
+        shape, dtype = _npz_member_header(path, key)
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"{path}: {key} must be uint8 images (N, H, W, 3) like ADM sample batches, got dtype "
+                             f"{dtype} shape {shape}")
+        if shape[0] == 0:
+            raise ValueError(f"{path}: {key} holds no images")
+        self.shape = shape
+        self.resolution = tuple(shape[1:3])
+        self._array = None
+
+    @property
+    def array(self):
+        if self._array is None:
+            self._array = _npz_array_memmap(self.path, self.key)
+            if self._array is None:
+                with np.load(self.path) as npz:
+                    self._array = npz[self.key]
+        return self._array
 
     def __len__(self):
-        return self.array.shape[0]
+        return self.shape[0]
 
     def __getitem__(self, i):
         return torch.from_numpy(np.ascontiguousarray(self.array[i].transpose(2, 0, 1)))
@@ -140,6 +156,24 @@ def _list_images(root, recursive):
         if not recursive:
             break
     return sorted(found)
+
+
+def _read_npy_header(fh, where):
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f"{where}: unsupported .npy format version {version}")
+    return shape, fortran, dtype
+
+
+def _npz_member_header(path, key):
+    """(shape, dtype) of `key` in an npz, read from the member's header without loading the array."""
+    with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as fh:
+        shape, _, dtype = _read_npy_header(fh, f"{path}:{key}")
+    return shape, dtype
 
 
 def _npz_array_memmap(path, key):
@@ -160,13 +194,7 @@ def _npz_array_memmap(path, key):
             return None
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         fh.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            return None
+        shape, fortran, dtype = _read_npy_header(fh, f"{path}:{key}")
         offset = fh.tell()
     if dtype.hasobject:
         return None
@@ -227,13 +255,7 @@ def _npz_source(path):
         raise ValueError(f"{path} is not a readable .npz ({e})") from e
     if "arr_0" not in keys and stats is None:
         raise ValueError(f"{path} has neither images (arr_0) nor statistics (mu and sigma); keys: {sorted(keys)}")
-    dataset = None
-    if "arr_0" in keys:
-        array = _npz_array_memmap(path, "arr_0")
-        if array is None:  # compressed member: has to be read whole
-            with np.load(path) as npz:
-                array = npz["arr_0"]
-        dataset = NpzImageDataset(path, array)
+    dataset = NpzImageDataset(path) if "arr_0" in keys else None
     kind = "npz+stats" if dataset is not None and stats is not None else ("npz" if dataset is not None else "stats")
     resolution = dataset.resolution if dataset is not None else stats["resolution"]
     num_images = len(dataset) if dataset is not None else stats["num_images"]
@@ -427,7 +449,10 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
     inception_weights: local weights file for the extractor (torch-fidelity's feature_extractor_weights_path);
         None = torch-fidelity's standard download.
     settings: the caller's settings that change the number (model, checkpoint step, sampler, steps, CFG, ...);
-        merged with the evaluator's own (reference, extractor, counts, resolution, metric parameters).
+        merged with the evaluator's own (reference, extractor, counts, resolution, metric parameters). Where a
+        caller key names something the evaluator determined and the values differ, the evaluator's value is
+        kept and the caller's moves to "caller_<key>". A Dataset input is described by the caller's
+        settings["generated"] / settings["reference"] when given.
     kid_subset_size: default min(1000, N_generated, N_reference).
     save_reference_stats: write the reference's FID statistics (save_stats format) to this path.
     """
@@ -468,6 +493,13 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
                                  f"reference batch")
             plan.layers[role].add(layer_for[m])
 
+    minimum = {"fid": 2, "isc": ISC_SPLITS, "kid": 2, "prc": PRC_NEIGHBORHOOD + 1}
+    for role, src in (("generated", gen), ("reference", ref)):
+        for m in metrics:
+            uses_images = {"fid": plan.fid_from_stats.get(role) is False, "isc": role == "generated"}.get(m, True)
+            if uses_images and len(src.dataset) < minimum[m]:
+                raise ValueError(f"{m} needs at least {minimum[m]} {role} images, {src.name} has {len(src.dataset)}")
+
     # ---- one pass of the extractor per side
     feats = {}
     if plan.layers["generated"] or plan.layers["reference"]:
@@ -481,7 +513,17 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
                 feats[role] = extract_features(src.dataset, extractor, batch_size, device, workers, verbose)
 
     # ---- metrics
-    out, own = {}, {}
+    out = {}
+    own = {**_source_settings("generated", gen), **_source_settings("reference", ref)}
+    own.update(
+        resolution=list(gen.resolution or ref.resolution or []) or None,
+        feature_extractor=feature_extractor,
+        feature_layers={m: layer_for[m] for m in metrics},
+        extractor_weights=_weights_description(feature_extractor, inception_weights),
+        metrics_code=f"torch-fidelity {torch_fidelity.__version__} (IS/KID/PRC); FID: dit_moe.evaluate "
+                     f"frechet_distance (float64)",
+        eval_device=str(device),
+    )
     fid_stats = {}
     for role, src in (("generated", gen), ("reference", ref)):
         if role not in plan.fid_from_stats:
@@ -518,23 +560,13 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
         _write_stats(save_reference_stats, mu, sigma, feature_extractor, fid_layer, ref.num_images or -1,
                      ref.resolution)
 
-    own.update(_source_settings("generated", gen), **_source_settings("reference", ref))
-    own.update(
-        resolution=list(gen.resolution or ref.resolution or []) or None,
-        feature_extractor=feature_extractor,
-        feature_layers={m: layer_for[m] for m in metrics},
-        extractor_weights=_weights_description(feature_extractor, inception_weights),
-        metrics_code=f"torch-fidelity {torch_fidelity.__version__} (IS/KID/PRC); FID: dit_moe.evaluate "
-                     f"frechet_distance (float64)",
-        device=str(device),
-    )
     return {"metrics": out, "settings": _merge_settings(settings, own, gen, ref)}
 
 
 def _source_settings(role, src):
     out = {f"{role}_kind": src.kind}
     if src.kind != "dataset":  # a Dataset's description comes from the caller's settings when given
-        out[role] = src.name
+        out[role] = os.path.abspath(src.name)
     if src.num_images is not None:
         out[f"num_{role}"] = src.num_images
     return out
@@ -556,8 +588,9 @@ def _merge_settings(caller, own, gen, ref):
         if src.kind == "dataset" and role not in merged:
             merged[role] = src.name
     for key, value in own.items():
+        # what the evaluator measured stays at the plain key; a differing caller value is kept beside it
         if key in merged and _jsonable(merged[key]) != _jsonable(value):
-            raise ValueError(f"settings[{key!r}] = {merged[key]!r} contradicts the evaluator's {value!r}")
+            merged[f"caller_{key}"] = merged[key]
         merged[key] = value
     return merged
 

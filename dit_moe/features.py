@@ -14,6 +14,7 @@ Importing this module registers them; importing it twice (or reloading it) is ha
 
 import math
 import os
+import sys
 import tempfile
 
 import torch
@@ -218,6 +219,7 @@ def load_digits_cnn(path=None):
     else:
         blob = None
     if blob is None:
+        print(f"training the digits-cnn classifier (first use, a few seconds); caching it at {path}", file=sys.stderr)
         model, info = train_digits_cnn()
         blob = save_digits_cnn(model, info, path)
     model = DigitsCNN()

@@ -124,6 +124,22 @@ def test_adm_reference_batch_uses_stats_only_for_matching_extractor(tmp_path):
         compute_metrics(gen, str(stats_only), **TINY)
 
 
+def test_fid_only_against_adm_batch_uses_its_mu_sigma_without_running_inception(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: pytest.fail("Inception loaded"))
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(200, 64)), rng.normal(size=(300, 64)) + 0.1
+    (mu1, s1), (mu2, s2) = feature_statistics(a), feature_statistics(b)
+    adm = tmp_path / "VIRTUAL_ref.npz"  # mu/sigma plus images, as ADM's reference batches
+    np.savez(adm, arr_0=_images(12, size=16).permute(0, 2, 3, 1).numpy(), mu=mu2, sigma=s2)
+    from dit_moe.evaluate import _write_stats
+    _write_stats(tmp_path / "gen_stats.npz", mu1, s1, "inception-v3-compat", "2048", 200, (16, 16))
+    res = compute_metrics(str(tmp_path / "gen_stats.npz"), str(adm), device="cpu")
+    assert res["metrics"]["fid"] == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=1e-12)
+    assert res["settings"]["fid_reference_statistics"].endswith("(ADM)")
+    assert res["settings"]["num_generated"] == 200
+
+
 # ----------------------------------------------------------------------------- IS / KID / PRC
 
 def test_isc_kid_prc_match_torch_fidelity_calculate_metrics():
@@ -182,6 +198,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         compute_metrics(ds16, ds16, inception_weights=str(tmp_path / "missing.pth"), **TINY)
     with pytest.raises(ValueError, match=r"uint8 images \(N, 3, H, W\)"):
         ImageTensorDataset(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="isc needs at least 10 generated images"):
+        compute_metrics(ImageTensorDataset(_images(5)), ds16, metrics=("isc",), **TINY)
     mixed = _write_folder(tmp_path / "mixed", _images(3, size=16))
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(mixed, "zz_small.png"))
     with pytest.raises(ValueError, match="zz_small.png is 8x8"):
@@ -204,8 +222,8 @@ def test_write_metrics_json_records_settings_atomically(tmp_path):
     assert s["reference"].startswith("latents:") and s["num_reference"] == 20 and s["num_generated"] == 20
     assert s["feature_extractor"] == "test-tiny" and s["resolution"] == [16, 16]
     assert os.listdir(out.parent) == ["metrics.json"]  # no temporary left behind
-    with pytest.raises(ValueError, match="feature_extractor"):
-        compute_metrics(ds, ds, settings={"feature_extractor": "inception-v3-compat"}, **TINY)
+    clash = compute_metrics(ds, ds, settings={"feature_extractor": "inception-v3-compat"}, **TINY)["settings"]
+    assert clash["feature_extractor"] == "test-tiny" and clash["caller_feature_extractor"] == "inception-v3-compat"
     with pytest.raises(TypeError, match="object"):
         write_metrics_json(tmp_path / "bad.json", {"fid": 1.0}, {"x": object()})
 
