@@ -61,8 +61,10 @@ __all__ = [
     "ActiveExpertMeter",
     "require_dtopp",
     "calibrate_threshold",
+    "SingleProcess",
     "sample_to_folder",
     "read_samples",
+    "write_npz",
     "build_parser",
     "main",
 ]
@@ -686,16 +688,17 @@ def sample_to_folder(
         "clip_denoised": settings.clip_denoised, "labels": labels, "num_samples": num_samples,
         "num_classes": num_classes, "seed": seed,
     }
-    old = _check_resume(out_dir, run_settings)
+    _check_resume(out_dir, run_settings)
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / STATS_DIR).mkdir(exist_ok=True)
     info = {"settings": run_settings, "status": "running", **({} if extra is None else {"extra": extra})}
+    # List what exists before the barrier: after it, other processes start adding files.
+    start = time.perf_counter()
+    done = existing_indices(out_dir, num_samples)
     if state.is_main_process:
         _write_json(out_dir / INFO_FILE, info)
     state.wait_for_everyone()
 
-    start = time.perf_counter()
-    done = existing_indices(out_dir, num_samples)
     rank, world = state.process_index, state.num_processes
     todo = [i for i in range(num_samples) if i % world == rank and i not in done]
 
@@ -752,7 +755,6 @@ def sample_to_folder(
         "seconds": round(seconds, 3),
         "images_per_second": round(new / seconds, 3) if seconds > 0 else None,
         "active_experts": summarize_active(stats),
-        "previous": (old or {}).get("status"),
     })
     _write_json(out_dir / INFO_FILE, info)
     return info
@@ -823,7 +825,7 @@ def _resolve_classes(tokens: Sequence[str], class_names: Sequence[str], num_clas
     return ids
 
 
-def _data_info(ckpt, model):
+def _data_info(ckpt):
     from .data import DataInfo
 
     if ckpt.data_info:
@@ -855,7 +857,8 @@ def run(args: argparse.Namespace) -> dict:
     state = SingleProcess()
     if bulk:
         from accelerate import PartialState
-        state = PartialState(cpu=args.device == "cpu")
+        # Without cpu=True Accelerate sets up no process group on a machine without CUDA (torchrun on CPUs).
+        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = torch.device(args.device) if args.device else getattr(state, "device", None) or torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -870,7 +873,7 @@ def run(args: argparse.Namespace) -> dict:
     ).validate(model.in_channels)
     seed = pick(args.seed, defaults.seed)
     batch_size = pick(args.batch_size, defaults.batch_size)
-    info = _data_info(ckpt, model)
+    info = _data_info(ckpt)
     cfg = ckpt.model_config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     where = str(ckpt.path)
@@ -881,6 +884,12 @@ def run(args: argparse.Namespace) -> dict:
         calibration = calibrate_threshold(model, args.target_experts, settings=settings, shape=shape,
                                           num_classes=cfg.num_classes, seed=seed,
                                           num_samples=args.calibration_samples)
+        if state.num_processes > 1:
+            # Every rank calibrated on the same inputs; GPU non-determinism must not leave them with different p.
+            from accelerate.utils import broadcast
+            threshold = model.routing_controller.threshold
+            threshold.copy_(broadcast(threshold.clone(), from_process=0))
+            calibration["threshold"] = threshold.float().cpu().tolist()
         if state.is_main_process:
             print(f"calibrated DTop-p threshold {['%.4f' % v for v in calibration['threshold']]} -> "
                   f"{calibration['measured']:.3f} experts per token (target {args.target_experts})")
@@ -964,7 +973,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (SamplingError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (SamplingError, CheckpointError, ConfigError, OSError) as e:   # OSError: e.g. a VAE that cannot be loaded
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     return 0

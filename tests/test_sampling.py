@@ -441,3 +441,50 @@ def test_cli_target_experts_reports_buckets(dtopp_ckpt, tmp_path, capsys):
     report = meta["active_experts"]
     assert abs(report["mean"] - 1.5) < 0.3 and sum(v is not None for v in report["per_bucket"]) == 4
     assert "t in [" in capsys.readouterr().out
+
+
+def test_two_real_processes_match_one(ckpt, tmp_path):
+    """torchrun with 2 CPU processes (gloo through Accelerate) writes the same npz as one process."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    args = [str(ckpt), "--num-samples", "8", "--batch-size", "3", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), os.path.join(repo, "sample.py"), *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert main([*args, "--out", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    two, one = read_samples(tmp_path / "two"), read_samples(tmp_path / "one")
+    assert two[2]["processes"] == 2
+    assert np.array_equal(two[0], one[0]) and np.array_equal(two[1], one[1])
+
+
+def test_vae_override_with_local_autoencoder(tmp_path, capsys):
+    """Latent checkpoints decode with the VAE their data_info names; --vae swaps in a local AutoencoderKL."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=8)
+    vae.save_pretrained(tmp_path / "vae")
+    model = _randomise(build_model("DiT-T/2", input_size=4, in_channels=4, num_classes=3))
+    info = DataInfo(num_classes=3, in_channels=4, latent_size=4, image_size=8, class_names=("a", "b", "c"),
+                    vae="stabilityai/sd-vae-ft-ema", scaling_factor=0.18215, source="latents").to_dict()
+    save_checkpoint(tmp_path / "ckpt", model, step=1, data_info=info)
+    common = [str(tmp_path / "ckpt"), "--num-samples", "3", "--steps", "3", "--sampler", "dpm", "--device", "cpu",
+              "--no-progress"]
+    # The hub VAE is out of reach offline: a clear error, not a traceback.
+    assert main(common + ["--out", str(tmp_path / "hub")]) == 2
+    assert "sample.py: error:" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "local"), "--vae", str(tmp_path / "vae")]) == 0
+    images, labels, meta = read_samples(tmp_path / "local")
+    assert images.shape == (3, 8, 8, 3) and sorted(labels.tolist()) == [0, 1, 2]
+    assert meta["settings"]["vae"] == str(tmp_path / "vae")
