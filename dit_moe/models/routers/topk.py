@@ -1,0 +1,25 @@
+"""Top-k routing as in DiT-MoE: softmax over all experts, then the k largest; weights not renormalised by default."""
+from __future__ import annotations
+
+import torch
+
+from .base import Router
+
+
+class TopKRouter(Router):
+    """Every token activates exactly ``top_k`` experts; Switch-style load balance (DiT-MoE: coefficient 0.01)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool = False, lb_coef: float = 0.01,
+                 entropy_coef: float = 0.0, lb_global: bool = False):
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        super().__init__(dim, num_experts, renormalize, lb_coef, entropy_coef, lb_global)
+        self.top_k = top_k
+
+    def select(self, probs: torch.Tensor):
+        """(N, E) -> mask with exactly top_k True per row."""
+        idx = probs.topk(self.top_k, dim=1).indices
+        return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True), None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"

@@ -1,0 +1,291 @@
+"""MoE-MLP dispatch against a dense masked reference, Default MoE, accumulators and checkpointing."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dit_moe.models.moe as moe_mod
+from dit_moe.config import ModelConfig, RoutingConfig
+from dit_moe.models.default_moe import DefaultVectors
+from dit_moe.models.dit import DiT
+from dit_moe.models.moe import (ExpertBank, MoEMLP, build_controller, build_moe_mlp, collect_aux_loss, moe_layers,
+                                routing_step)
+from dit_moe.models.routers import ThresholdController, TopKRouter, TopPRouter
+
+D, E = 12, 6
+
+
+def _expert_outputs(bank: ExpertBank, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token: (N, D) -> (E, N, D), straight from the stacked weights."""
+    h = torch.einsum("nd,edh->enh", x, bank.w_in)
+    if bank.b_in is not None:
+        h = h + bank.b_in[:, None]
+    y = torch.einsum("enh,ehd->end", bank.activation(h), bank.w_out)
+    return y + bank.b_out[:, None] if bank.b_out is not None else y
+
+
+def _dense_reference(moe: MoEMLP, x: torch.Tensor) -> torch.Tensor:
+    """y = sum_e w_te E_e(x_t) (+ shared) (+ default term), computing every expert on every token and masking."""
+    r = moe.router
+    probs = r.probs(r.logits(x))
+    mask, _ = r.select(probs)
+    w = probs * mask
+    if r.renormalize:
+        w = w / w.sum(1, keepdim=True)
+    y = torch.einsum("ne,end->nd", w.to(x.dtype), _expert_outputs(moe.experts, x))
+    if moe.shared is not None:
+        y = y + _expert_outputs(moe.shared, x)[0]
+    if moe.default_vectors is not None:
+        y = y + moe.default_vectors.term(probs, mask).to(x.dtype)
+    return y
+
+
+def _make(router, kind="gelu", shared=False, default=None, hidden=20):
+    torch.manual_seed(0)
+    moe = MoEMLP(D, router, ExpertBank(E, D, hidden, kind), ExpertBank(1, D, 8, kind) if shared else None, default)
+    with torch.no_grad():  # same gate for every test model; non-zero biases so that a bias bug cannot hide
+        moe.router.weight.copy_(torch.randn(E, D, generator=torch.Generator().manual_seed(5)))
+        for name, p in moe.named_parameters():
+            if name.endswith(("b_in", "b_out")):
+                p.normal_(0, 0.1)
+    return moe
+
+
+def _grads(module, x, fn):
+    module.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+CASES = {
+    "topk": lambda: _make(TopKRouter(D, E, top_k=2)),
+    "topk_renorm_swiglu": lambda: _make(TopKRouter(D, E, top_k=3, renormalize=True), kind="swiglu"),
+    "topp_variable": lambda: _make(TopPRouter(D, E, threshold=0.6)),
+    "topk_shared": lambda: _make(TopKRouter(D, E, top_k=2), shared=True),
+    "dtopp_default_forward": lambda: _make(_dtopp_router(), default=_random_default("forward")),
+}
+
+
+def _dtopp_router():
+    ctrl = ThresholdController(E, target=2, num_layers=1)
+    ctrl.threshold.fill_(0.55)
+    r = moe_mod.DTopPRouter(D, E, ctrl, layer=0)
+    r._keep_alive = ctrl  # plain attribute: the test owns no model to hold the controller
+    return r
+
+
+def _random_default(mode):
+    d = DefaultVectors(E, D, mode=mode)
+    d.vectors.normal_(generator=torch.Generator().manual_seed(3))
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_dispatch_matches_dense_reference(case, grouped, monkeypatch):
+    # fp64 for the segment loop; torch's CPU grouped_mm exists for fp32 only, checked at fp32 tolerance.
+    dtype, tol = (torch.float32, 1e-5) if grouped else (torch.float64, 1e-10)
+    monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", grouped)
+    if grouped and not moe_mod._grouped_mm_available(torch.device("cpu"), dtype):
+        pytest.skip("this torch build has no CPU grouped_mm")
+    moe = CASES[case]().to(dtype)
+    x = torch.randn(40, D, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    out, gx, gp = _grads(moe, x, lambda t: moe(t))
+    ref, rgx, rgp = _grads(moe, x, lambda t: _dense_reference(moe, t))
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gx, rgx, rtol=tol, atol=tol)
+    for name in gp:
+        torch.testing.assert_close(gp[name], rgp[name], rtol=tol, atol=tol, msg=name)
+    assert gp["router.weight"].abs().sum() > 0
+    if case == "topp_variable":
+        m = moe.router(x).num_active
+        assert m.min() < m.max()
+
+
+def test_expert_with_zero_tokens():
+    moe = _make(TopKRouter(D, E, top_k=2)).double()
+    with torch.no_grad():
+        moe.router.weight[3] = -5.0          # with positive tokens expert 3 always has the lowest logit
+    x = torch.rand(30, D, dtype=torch.float64) + 0.1
+    assert moe.router(x).sizes[3] == 0
+    out, gx, gp = _grads(moe, x, lambda t: moe(t))
+    ref, rgx, rgp = _grads(moe, x, lambda t: _dense_reference(moe, t))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rgx)
+    for name in gp:
+        torch.testing.assert_close(gp[name], rgp[name], msg=name)
+    # the idle expert's slice has a zero (not missing) gradient: DDP sees every parameter used
+    assert gp["experts.w_in"][3].abs().sum() == 0 and gp["experts.w_in"].abs().sum() > 0
+
+
+def test_fp32_router_under_autocast():
+    moe = _make(TopKRouter(D, E, top_k=2))
+    x = torch.randn(2, 5, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+        r = moe.router(x.reshape(-1, D))
+    assert out.shape == (2, 5, D)
+    assert r.probs.dtype == torch.float32 and r.weight.dtype == torch.float32
+    assert moe.router.weight.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ Default MoE
+
+def _probs_grad(moe, x):
+    """Gradient of a loss w.r.t. the router probabilities (N, E)."""
+    captured = {}
+    original = moe.router.probs
+
+    def probs(logits):
+        p = original(logits)
+        p.retain_grad()
+        captured["p"] = p
+        return p
+    moe.router.probs = probs
+    moe(x).pow(2).sum().backward()
+    del moe.router.probs
+    return captured["p"].grad
+
+
+def test_default_moe_gives_router_gradient_for_every_expert():
+    x = torch.randn(20, D, generator=torch.Generator().manual_seed(2))
+    plain = _make(TopKRouter(D, E, top_k=2, lb_coef=0.0))
+    g_plain = _probs_grad(plain, x)
+    mask = plain.router(x).mask
+    assert (g_plain[~mask] == 0).all(), "plain top-k: no gradient for non-selected experts"
+    for mode in ("grad_only", "forward"):
+        dm = _make(TopKRouter(D, E, top_k=2, lb_coef=0.0), default=_random_default(mode))
+        g = _probs_grad(dm, x)
+        assert (g != 0).all(), f"{mode}: every expert's probability gets a gradient"
+        assert dm.default_vectors.vectors.grad is None
+
+
+def test_grad_only_forward_equals_plain_routing_and_forward_mode_adds_term():
+    x = torch.randn(20, D)
+    plain = _make(TopKRouter(D, E, top_k=2))
+    dm = _make(TopKRouter(D, E, top_k=2), default=_random_default("grad_only"))
+    assert torch.equal(plain(x), dm(x))
+    fwd = _make(TopKRouter(D, E, top_k=2), default=_random_default("forward"))
+    r = fwd.router(x)
+    expected = plain(x) + (r.probs * ~r.mask) @ fwd.default_vectors.vectors
+    torch.testing.assert_close(fwd(x), expected)
+    zero = _make(TopKRouter(D, E, top_k=2), default=DefaultVectors(E, D, mode="forward"))
+    assert torch.equal(plain(x), zero(x)), "forward mode with zero vectors equals top-k"
+
+
+def test_default_vectors_ema_update_matches_formula():
+    moe = _make(TopKRouter(D, E, top_k=2), default=_random_default("grad_only"))
+    with torch.no_grad():
+        moe.router.weight[4] = -5.0
+    beta = moe.default_vectors.beta
+    old = moe.default_vectors.vectors.clone()
+    xs = [torch.rand(16, D) + 0.1, torch.rand(24, D) + 0.1]            # two micro-batches, one optimizer step
+    moe.train()
+    sums, counts = torch.zeros(E, D), torch.zeros(E)
+    for x in xs:
+        moe(x)
+        with torch.no_grad():
+            mask = moe.router(x).mask
+            outs = _expert_outputs(moe.experts, x)                    # (E, N, D)
+            sums += torch.einsum("ne,end->ed", mask.float(), outs)
+            counts += mask.sum(0)
+    routing_step(moe)
+    assert counts[4] == 0
+    expected = beta * old + (1 - beta) * sums / counts.clamp(min=1)[:, None]
+    expected[counts == 0] = old[counts == 0]                          # no token: unchanged
+    torch.testing.assert_close(moe.default_vectors.vectors, expected)
+    assert moe.routing_acc.abs().sum() == 0, "accumulators reset after the step"
+
+
+# ------------------------------------------------------------------ model integration
+
+def _dit(routing_cfg, grad_checkpointing=False, model_cfg=None, depth=2):
+    mc = model_cfg or ModelConfig()
+    ctrl = build_controller(routing_cfg, 4, 2, depth)
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=4, num_classes=10,
+                grad_checkpointing=grad_checkpointing,
+                mlp_factory=lambda i: build_moe_mlp(32, i, 4, 2, mc, routing_cfg, ctrl))
+    if ctrl is not None:
+        model.routing_controller = ctrl
+    return model
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 4, 8, 8, generator=g), torch.randint(0, 1000, (3,), generator=g), torch.randint(0, 10, (3,), generator=g)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_does_not_double_count(use_reentrant, monkeypatch):
+    cfg = RoutingConfig(type="dtopp", default_moe=True)
+    accs = []
+    for ckpt in (False, True):
+        model = _dit(cfg, grad_checkpointing=ckpt)
+        if ckpt and use_reentrant:
+            import torch.utils.checkpoint as cp
+            monkeypatch.setattr("dit_moe.models.dit.checkpoint",
+                                lambda fn, *a, use_reentrant=False: cp.checkpoint(fn, *a, use_reentrant=True))
+        model.train()
+        x, t, y = _batch()
+        x.requires_grad_(True)
+        out = model(x, t, y, force_drop_ids=torch.zeros(3, dtype=torch.long))
+        total, _ = collect_aux_loss(model)
+        (out.square().mean() + total).backward()
+        accs.append(torch.cat([m.routing_acc for m in moe_layers(model)]))
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        if ckpt:
+            assert all(grads[n] is not None for n in grads if "router" in n)
+    assert accs[0][1] == 3 * 16, "tokens counted once per forward"
+    torch.testing.assert_close(accs[0], accs[1])
+
+
+def test_init_weights_survive_dit_xavier_and_meta_construction():
+    cfg = RoutingConfig(type="topk")
+    model = _dit(cfg, model_cfg=ModelConfig(num_shared_experts=1))
+    gate = model.blocks[0].mlp.router.weight
+    # kaiming_uniform(a=sqrt(5)) bound is 1/sqrt(D); xavier for (E, D) would be sqrt(6/(E+D)) ~ 0.41
+    assert gate.abs().max() <= 1 / 32 ** 0.5 + 1e-6
+    with torch.device("meta"):
+        m = build_moe_mlp(384, 3, 8, 2, ModelConfig(expert_kind="swiglu", num_shared_experts=2),
+                          RoutingConfig(type="dtopp", default_moe=True),
+                          build_controller(RoutingConfig(type="dtopp"), 8, 2, 4))
+    n = sum(p.numel() for p in m.parameters())
+    assert n == 8 * 384 + 1 + 8 * 3 * 384 * 1536 + 3 * 384 * 1536  # gate, DRN scale, routed, one fused shared
+
+
+def test_deepcopy_and_aux_collection_in_dit():
+    model = _dit(RoutingConfig(type="dtopp", default_moe=True))
+    model.train()
+    out = model(*_batch())
+    total, terms = collect_aux_loss(model)
+    assert set(terms) == {"lb", "entropy"} and total.requires_grad
+    assert torch.isclose(total, terms["lb"] + terms["entropy"])
+    ema = copy.deepcopy(model)                        # after a forward: the stored graph tensor is not copied
+    assert all(b.mlp.router.controller is ema.routing_controller for b in ema.blocks)
+    assert ema.blocks[0].mlp.last_aux_loss is None
+    assert out.shape == (3, 8, 8, 8)
+
+
+def test_routing_step_reduces_once_and_reports_stats():
+    model = _dit(RoutingConfig(type="dtopp", default_moe=True))
+    model.train()
+    for seed in range(2):
+        model(*_batch(seed))
+    calls = []
+
+    def fake_all_reduce(t):
+        calls.append(t.shape)
+        return t * 2                                  # what a SUM over two identical ranks would give
+    stats = routing_step(model, fake_all_reduce)
+    assert len(calls) == 1 and calls[0][0] == sum(m.routing_acc.numel() for m in moe_layers(model))
+    assert stats["mean_active"].shape == (2,) and stats["load"].shape == (2, 4)
+    assert stats["active_hist"].shape == (2, 5)
+    torch.testing.assert_close(stats["active_hist"].sum(1), torch.ones(2))
+    torch.testing.assert_close(stats["load"].sum(1), torch.ones(2))
+    assert stats["threshold"].shape == (1,) and stats["drn_scale"].shape == (2,)
+    assert (stats["mean_active"] >= 1).all()
+    assert torch.isclose(stats["measured"][0], stats["mean_active"].mean())
