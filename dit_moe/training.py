@@ -393,19 +393,12 @@ def _check_config(cfg: ExperimentConfig, info, num_processes: int) -> int:
     return t.global_batch_size // denom
 
 
-def _state_digest(module: nn.Module) -> str:
+def _digest(named_tensors) -> str:
+    """sha256 over names and raw bytes: equal digests mean bit-identical tensors."""
     h = hashlib.sha256()
-    for k, v in sorted(module.state_dict(keep_vars=False).items()):
+    for k, v in named_tensors:
         h.update(k.encode())
-        h.update(v.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _buffers_digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in module.named_buffers():
-        h.update(k.encode())
-        h.update(v.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -676,19 +669,37 @@ def _train(cfg, resume_from, resume_requested, run_dir, accelerator, world, rank
         logger.info(f"saved checkpoint {final} ({reason})")
         return final
 
+    decoder = []   # loaded on first use (a VAE for latent data)
+
     def sample_grid() -> None:
+        """EMA samples of up to 10 classes x num_per_class (capped at 8) -> samples/step-XXXXXXX.png (main process)."""
         if not sampling_available:
             return
-        from . import sampling
-        if not hasattr(sampling, "training_grid"):
-            logger.info("note: dit_moe.sampling has no training_grid(); skipping the EMA sample grid")
-            return
         if is_main:
+            from . import sampling
+            from .data import load_decoder, to_uint8
+
+            s = cfg.sample
+            settings = sampling.SamplerSettings(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
+                                                guidance_channels=s.guidance_channels)
+            classes = torch.linspace(0, info.num_classes - 1, min(info.num_classes, 10)).round().long()
+            per = max(1, min(s.num_per_class, 8))
+            labels = classes.repeat_interleave(per)
+            if not decoder:
+                decoder.append(load_decoder(info, device))
+            t0 = time.perf_counter()
+            # Own generators per sample; fork_rng guarantees the training RNG streams are untouched (a resume
+            # could not replay draws made here).
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                x = sampling.sample_latents(ema, labels, sampling.make_generators(s.seed, range(len(labels))),
+                                            settings, (info.in_channels, info.latent_size, info.latent_size), device)
+                images = to_uint8(decoder[0](x))
+            captions = [sampling.short_name(info.class_names[int(c)]) for c in labels]
             out = run_dir / "samples" / f"step-{state.step:07d}.png"
-            # Sampling must not consume the training RNG streams (a resume could not replay it).
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                sampling.training_grid(ema, info, cfg.sample, out)
-            logger.info(f"EMA samples: {out}")
+            out.parent.mkdir(exist_ok=True)
+            sampling.make_grid(images.cpu(), captions, ncol=per).save(out)
+            logger.info(f"EMA samples ({s.sampler}, {s.steps} steps, cfg {s.cfg_scale}): {out} "
+                        f"({time.perf_counter() - t0:.1f} s)")
         accelerator.wait_for_everyone()
 
     def train_step(grad_norm):
@@ -792,8 +803,9 @@ def _train(cfg, resume_from, resume_requested, run_dir, accelerator, world, rank
                 save("final")
             sample_grid()
             if world > 1:
-                mine = {"rank": rank, "model": _state_digest(raw_model), "ema": _state_digest(ema),
-                        "buffers": _buffers_digest(raw_model), "step": state.step}
+                mine = {"rank": rank, "model": _digest(sorted(raw_model.state_dict().items())),
+                        "ema": _digest(sorted(ema.state_dict().items())),
+                        "buffers": _digest(raw_model.named_buffers()), "step": state.step}
                 everyone = gather_object([mine])
                 if is_main:
                     in_sync = all({k: v for k, v in d.items() if k != "rank"} ==

@@ -46,7 +46,8 @@ def patch_losses(monkeypatch, on_call):
 
 def test_training_reduces_loss_and_logs_metrics(tmp_path):
     cfg = tiny(tmp_path, "learn", "train.steps=30", "train.log_every=5", "train.ckpt_every=10",
-               "train.keep_last=2", "train.global_batch_size=64", "train.tracker=tensorboard")
+               "train.keep_last=2", "train.global_batch_size=64", "train.tracker=tensorboard",
+               "train.sample_every=15", "sample.steps=5", "sample.num_per_class=2")
     run = train(cfg)
     records = read_metrics(run)
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
@@ -68,12 +69,15 @@ def test_training_reduces_loss_and_logs_metrics(tmp_path):
     assert not list((run / "checkpoints").glob(".*")), "staging/temporary folders left behind"
     assert (run / "config.yaml").is_file() and "parameters:" in (run / "log.txt").read_text()
     assert any((run / "tensorboard").rglob("events.out.tfevents*"))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000015.png", "step-0000030.png"]
 
 
 def test_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
     # 10 steps of 2 x 64 micro-batches; 1797 // 128 = 14 steps per epoch... use 256 to cross an epoch (7 steps).
     common = ("train.steps=10", "train.global_batch_size=256", "train.grad_accum=2", "train.ckpt_every=4",
-              "train.log_every=3", "train.ema_warmup=true")
+              "train.log_every=3", "train.ema_warmup=true",
+              # sample grids at steps 3, 6, 9 must not perturb the training RNG streams
+              "train.sample_every=3", "sample.steps=4", "sample.num_per_class=1")
     straight = train(tiny(tmp_path, "straight", *common))
 
     # The same run, stopped by SIGTERM during step 5 (mid-epoch), then resumed to the end.
