@@ -59,6 +59,8 @@ __all__ = [
     "sample_latents",
     "make_grid",
     "ActiveExpertMeter",
+    "summarize_active",
+    "format_active",
     "require_dtopp",
     "calibrate_threshold",
     "SingleProcess",
@@ -211,6 +213,8 @@ def sample_latents(
     """
     C, h, w = shape
     labels = torch.as_tensor(labels, dtype=torch.long)
+    if hasattr(model, "num_classes"):
+        labels = check_labels(labels, model.num_classes)
     if len(generators) != labels.shape[0]:
         raise SamplingError(f"need one generator per sample: {len(generators)} generators for {labels.shape[0]} labels")
     settings.validate(C)

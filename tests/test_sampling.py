@@ -253,6 +253,14 @@ def test_labels_balanced_and_random():
         sampling.check_labels(torch.tensor([0, 10, 12]), 10)
 
 
+def test_sampling_rejects_out_of_range_labels(dense):
+    # Label 10 is the null class: sampling it would silently give unconditional samples.
+    with pytest.raises(SamplingError, match=r"class id\(s\) \[10\] out of range \[0, 10\)"):
+        sample_latents(dense, torch.tensor([1, 10]), make_generators(0, range(2)), SETTINGS, SHAPE)
+    with pytest.raises(SamplingError, match="one generator per sample"):
+        sample_latents(dense, torch.tensor([1, 2]), make_generators(0, range(3)), SETTINGS, SHAPE)
+
+
 # ---------------------------------------------------------------------------------------------------------
 #                                            Bulk sampling
 # ---------------------------------------------------------------------------------------------------------
