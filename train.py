@@ -23,7 +23,7 @@ def main(argv=None) -> int:
                         help="continue exactly from the newest checkpoint of the run (latest) or from PATH")
     parser.add_argument("--run-name", default=None, help="run folder name (overrides train.run_name)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=2e-4 train.steps=500")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
 
     from dit_moe.config import ConfigError, load_config
     from dit_moe.checkpoint import CheckpointError

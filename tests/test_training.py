@@ -24,6 +24,7 @@ def tiny(tmp_path, name="run", *overrides):
         f"train.run_dir={tmp_path}", f"train.run_name={name}", "train.tracker=null",
         "train.global_batch_size=32", "train.lr=1e-3", "train.warmup_steps=2", "train.lr_schedule=cosine",
         "train.ema_decay=0.9", "train.log_every=2", "train.ckpt_every=1000", "train.steps=4",
+        "sample.steps=2", "sample.num_per_class=1",   # the end-of-run EMA grid stays cheap
         *overrides])
 
 
@@ -145,7 +146,8 @@ def test_train_py_cli(tmp_path, capsys):
     assert cli.main(["--config", DEFAULT, "train.global_batch_size=100", "train.grad_accum=3",
                      f"train.run_dir={tmp_path}"]) == 2
     assert "train.global_batch_size=100" in capsys.readouterr().err
-    assert cli.main(["--config", DEFAULT, "--run-name", "cli", f"train.run_dir={tmp_path}",
-                     "train.steps=2", "train.global_batch_size=16", "train.tracker=null"]) == 0
+    assert cli.main(["--config", DEFAULT, f"train.run_dir={tmp_path}", "--run-name", "cli",
+                     "train.steps=2", "train.global_batch_size=16", "train.tracker=null", "sample.steps=2",
+                     "sample.num_per_class=1"]) == 0
     assert (tmp_path / "cli" / "checkpoints" / "step-0000002").is_dir()
     assert load_config(tmp_path / "cli" / "config.yaml").train.steps == 2
