@@ -167,7 +167,7 @@ def test_controller_sign_both_ways_and_clamps():
     assert p0 == pytest.approx(2 / 8)
     ctrl.update(torch.full((3,), 4.0 * 100), torch.full((3,), 100.0))     # too many experts -> lower p
     assert ctrl.threshold.item() < p0 and ctrl.measured.item() == pytest.approx(4.0)
-    ctrl = ThresholdController(8, target=2, num_layers=3)
+    ctrl = ThresholdController(8, target=2, num_layers=3, kp=1.0, ki=0.1)
     ctrl.update(torch.full((3,), 1.0 * 100), torch.full((3,), 100.0))     # too few -> raise p
     assert ctrl.threshold.item() > p0
     # the exact positional PI formula
@@ -177,7 +177,7 @@ def test_controller_sign_both_ways_and_clamps():
 
 
 def test_controller_anti_windup_and_bounds():
-    ctrl = ThresholdController(8, target=2, num_layers=1, ki=0.1)
+    ctrl = ThresholdController(8, target=2, num_layers=1, kp=1.0, ki=0.1)
     for _ in range(500):
         ctrl.update(torch.tensor([8.0]), torch.tensor([1.0]))               # saturated far above target
     assert ctrl.integral.item() == pytest.approx(-ctrl.i_max) and ctrl.i_max == pytest.approx(10.0)
@@ -243,8 +243,8 @@ def _train(net, steps, seed=0, lr=3e-3):
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_controller_drives_learning_router_to_target(scope):
     torch.manual_seed(0)
-    net = _TinyMoENet(RoutingConfig(type="dtopp", target=2.0, scope=scope))
-    measured = _train(net, steps=300)
+    net = _TinyMoENet(RoutingConfig(type="dtopp", target=2.0, scope=scope, kp=0.05, ki=0.25))
+    measured = _train(net, steps=200)
     tail = measured[-100:]
     assert abs(tail.mean().item() - 2.0) / 2.0 < 0.05, f"running mean {tail.mean():.3f} misses target 2"
     if scope == "layer":

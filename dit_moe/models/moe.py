@@ -91,10 +91,8 @@ class ExpertBank(nn.Module):
                 self.b_out.zero_()
 
     def activation(self, h: torch.Tensor) -> torch.Tensor:
-        if self.kind == "gelu":
-            return F.gelu(h, approximate="tanh")
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        """(M, H or 2H) pre-activations -> (M, H)."""
+        return _act_forward_backward(self.kind, h)
 
     def forward(self, x: torch.Tensor, sizes: tuple[int, ...], counts: torch.Tensor | None = None,
                 expert_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,33 +102,96 @@ class ExpertBank(nn.Module):
         """
         if len(sizes) != self.num_experts:
             raise ValueError(f"got {len(sizes)} segment sizes for {self.num_experts} experts")
+        # Under autocast run the experts in the autocast dtype, with autocast itself off inside.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if counts is not None and expert_idx is not None and _grouped_mm_available(x.device, dtype):
-            return self._forward_grouped(x.to(dtype), counts, expert_idx)
-        return self._forward_segments(x, sizes)
+        x = x.to(dtype)
+        w_in, b_in, w_out, b_out = (None if p is None else p.to(dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if counts is not None and expert_idx is not None and _grouped_mm_available(x.device, dtype):
+                offs = counts.cumsum(0).to(torch.int32)
+                h = F.grouped_mm(x, w_in, offs=offs)
+                if b_in is not None:
+                    h = h + b_in[expert_idx]
+                y = F.grouped_mm(self.activation(h), w_out, offs=offs)
+                return y + b_out[expert_idx] if b_out is not None else y
+            return _SegmentMLP.apply(x, sizes, self.kind, w_in, b_in, w_out, b_out)
 
-    def _forward_segments(self, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-        outs = []
-        for e, xe in enumerate(x.split(sizes)):
-            if xe.shape[0] == 0:
-                continue
-            if self.b_in is None:
-                h = self.activation(xe @ self.w_in[e])
-                outs.append(h @ self.w_out[e])
-            else:
-                h = self.activation(torch.addmm(self.b_in[e], xe, self.w_in[e]))
-                outs.append(torch.addmm(self.b_out[e], h, self.w_out[e]))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        offs = counts.cumsum(0).to(torch.int32)
-        h = F.grouped_mm(x, self.w_in.to(x.dtype), offs=offs)
-        if self.b_in is not None:
-            h = h + self.b_in.to(x.dtype)[expert_idx]
-        y = F.grouped_mm(self.activation(h), self.w_out.to(x.dtype), offs=offs)
-        if self.b_out is not None:
-            y = y + self.b_out.to(x.dtype)[expert_idx]
+def _act_forward_backward(kind: str, h: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """The expert activation of pre-activations h, or (with ``grad``) the gradient w.r.t. h of that activation."""
+    if kind == "gelu":
+        if grad is None:
+            return F.gelu(h, approximate="tanh")
+        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+    gate, up = h.chunk(2, dim=-1)
+    if grad is None:
+        return F.silu(gate) * up
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    return torch.cat([grad * up * (sig * (1 + gate * (1 - sig))), grad * silu], dim=-1)
+
+
+class _SegmentMLP(torch.autograd.Function):
+    """All E expert MLPs on their contiguous segments of (M, D) expert-sorted tokens, as one autograd node.
+
+    Autograd through per-expert slices of the stacked weights (w_in[e]) would build a full-size zero gradient of
+    the whole stack for every expert and sum E of them, and concatenating the segment outputs would copy them
+    once more. Here the forward writes each segment straight into one (M, .) buffer and the backward writes each
+    expert's weight gradient into its slice of one gradient tensor. Saved: the input and the pre-activations; the
+    activation is recomputed per segment in the backward (one elementwise pass instead of an (M, H) buffer).
+    """
+
+    @staticmethod
+    def forward(ctx, x, sizes, kind, w_in, b_in, w_out, b_out):
+        M, D = x.shape
+        h = x.new_empty(M, w_in.shape[2])
+        y = x.new_empty(M, w_out.shape[2])
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                s = slice(start, start + n)
+                if b_in is None:
+                    torch.mm(x[s], w_in[e], out=h[s])
+                    torch.mm(_act_forward_backward(kind, h[s]), w_out[e], out=y[s])
+                else:
+                    torch.addmm(b_in[e], x[s], w_in[e], out=h[s])
+                    torch.addmm(b_out[e], _act_forward_backward(kind, h[s]), w_out[e], out=y[s])
+            start += n
+        ctx.sizes, ctx.kind, ctx.has_bias = sizes, kind, b_in is not None
+        ctx.save_for_backward(x, h, w_in, w_out)
         return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, h, w_in, w_out = ctx.saved_tensors
+        need_x, _, _, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad
+        gy = gy.contiguous()
+        gx = torch.empty_like(x) if need_x else None
+        # Experts without tokens keep a zero gradient slice (DDP then sees every parameter used).
+        alloc = torch.zeros_like if 0 in ctx.sizes else torch.empty_like
+        g_w_in = alloc(w_in) if need_w_in else None
+        g_w_out = alloc(w_out) if need_w_out else None
+        g_b_in = x.new_zeros(w_in.shape[0], w_in.shape[2]) if ctx.has_bias and need_b_in else None
+        g_b_out = x.new_zeros(w_out.shape[0], w_out.shape[2]) if ctx.has_bias and need_b_out else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            if n:
+                s = slice(start, start + n)
+                he, ge = h[s], gy[s]
+                if g_w_out is not None:
+                    torch.mm(_act_forward_backward(ctx.kind, he).t(), ge, out=g_w_out[e])
+                if g_b_out is not None:
+                    torch.sum(ge, 0, out=g_b_out[e])
+                gh = _act_forward_backward(ctx.kind, he, ge @ w_out[e].t())
+                if g_w_in is not None:
+                    torch.mm(x[s].t(), gh, out=g_w_in[e])
+                if g_b_in is not None:
+                    torch.sum(gh, 0, out=g_b_in[e])
+                if gx is not None:
+                    torch.mm(gh, w_in[e].t(), out=gx[s])
+            start += n
+        return gx, None, None, g_w_in, g_b_in, g_w_out, g_b_out
 
 
 def _in_backward() -> bool:
@@ -189,7 +250,7 @@ class MoEMLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.dim)                                       # (N, D)
         r = self.router(x)
-        xs = x[r.token_idx]                                               # (M, D), expert-contiguous
+        xs = x.index_select(0, r.token_idx)                               # (M, D), expert-contiguous
         ys = self.experts(xs, r.sizes, r.counts, r.expert_idx)            # (M, D)
         # Scale in (at least) fp32, then back to the expert dtype (bf16 under autocast).
         weighted = (ys.to(r.weight.dtype) * r.weight.unsqueeze(1)).to(ys.dtype)
