@@ -158,8 +158,18 @@ def _to_plain(x):
     return x
 
 
+class CliText(str):
+    """A command-line value not yet interpreted: it is read as YAML, except where the field is a string."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    if isinstance(value, CliText):
+        # `train.run_name=nan` or `model.name=123` stay strings; everything else is parsed as YAML.
+        if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+                         and value not in ("null", "~", "None")):
+            return str(value)
+        value = _parse_scalar(value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -258,7 +268,7 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         d.setdefault(section, {})
         if d[section] is None:
             d[section] = {}
-        d[section][name] = _parse_scalar(text)
+        d[section][name] = CliText(text)
     return d
 
 
