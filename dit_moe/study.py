@@ -434,7 +434,9 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     args = [str(ckpt), "--num-samples", str(ev.num_samples), "--out", str(samples_dir),
             "--sampler", ev.sampler, "--steps", str(ev.steps), "--cfg-scale", str(ev.cfg_scale),
             "--seed", str(ev.seed), "--batch-size", str(ev.batch_size), "--no-progress",
-            "--fid", str(reference), "--extractor", ev.extractor, "--device", device]
+            "--fid", str(reference), "--extractor", ev.extractor]
+    if state is None or state.num_processes == 1:
+        args += ["--device", device]     # several processes: each takes its own device from Accelerate
     if ev.inception_weights:
         args += ["--inception-weights", ev.inception_weights]
     if sampling.main(args) != 0:
@@ -580,11 +582,11 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
     if state is not None:
         state.wait_for_everyone()
 
-    # Calibration sources first, so the calibrated arms can start as early as possible.
+    # Seed-major, so that an interrupted study has whole seeds; within the first seed, calibration sources first
+    # so the calibrated arms can start early (a task waits until its calibration source has finished).
     sources = {a.calibrate_from for a in arms if a.calibrate_from}
-    order = sorted(arms, key=lambda a: (a.name not in sources, a.calibrate_from is not None))
-    tasks = [(a, s) for s in study.seeds for a in order]
-    tasks.sort(key=lambda t: (t[0].name not in sources or t[1] != study.seeds[0], t[0].calibrate_from is not None))
+    tasks = [(a, s) for s in study.seeds for a in arms]
+    tasks.sort(key=lambda t: not (t[0].name in sources and t[1] == study.seeds[0]))
     results: dict[tuple[str, int], dict] = {}
     t_start = time.time()
 
@@ -642,9 +644,9 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
                     key = running.pop(fut)
                     results[key] = fut.result()      # re-raises a worker's error with its message
                     print(f"[study] done {key[0]} seed {key[1]} ({time.time() - t_start:.0f} s)", flush=True)
+    timing = time_arms(study, arms, device, {a.name: threshold_for(a) for a in arms}, state)
     if not is_main:
         return {}
-    timing = time_arms(study, arms, device, {a.name: threshold_for(a) for a in arms})
     runs = [results[(a.name, s)] for a in study.arms if a in arms for s in study.seeds]
     summary = aggregate(study, runs, timing)
     summary["study_seconds_this_invocation"] = round(time.time() - t_start, 1)
@@ -653,7 +655,7 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
     return summary
 
 
-def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, thresholds: dict) -> dict:
+def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, thresholds: dict, state=None) -> dict:
     """Seconds per training step of every arm, measured one arm after another with all cores (cached).
 
     The study's own s/step depends on what ran beside each run (``--jobs``) and on other load on the machine; this
@@ -664,6 +666,7 @@ def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, threshol
 
     from .training import train
 
+    is_main = state is None or state.is_main_process
     steps = study.evaluation.timing_steps
     file = study.output / "timing.json"
     cache = json.loads(file.read_text()) if file.is_file() else {}
@@ -676,12 +679,16 @@ def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, threshol
             cfg.train.run_dir, cfg.train.run_name = str(study.output / "timing"), arm.name
             cfg.train.sample_every, cfg.sample.num_per_class, cfg.sample.steps = 0, 1, 2
             run_dir = Path(cfg.train.run_dir) / arm.name
-            shutil.rmtree(run_dir, ignore_errors=True)
-            train(cfg)
+            if is_main:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if state is not None:
+                state.wait_for_everyone()
+            train(cfg)                    # under a multi-process launch every process takes part
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             cache[key] = float(np.median([1.0 / r["steps_per_sec"] for r in rows[1:]] or [1.0 / rows[0]["steps_per_sec"]]))
-            file.write_text(json.dumps(cache, indent=1))
-            print(f"[study] timing {arm.name}: {cache[key]:.3f} s/step", flush=True)
+            if is_main:
+                file.write_text(json.dumps(cache, indent=1))
+                print(f"[study] timing {arm.name}: {cache[key]:.3f} s/step", flush=True)
         out[arm.name] = cache[key]
     return out
 
@@ -904,6 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the study's output folder")
     p.add_argument("--plots-dir", type=Path, help="write the PNGs here (default <output>/plots)")
     p.add_argument("--arms", nargs="+", help="run only these arms (and their calibration sources)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run and report only these seeds (default: the config's)")
     p.add_argument("--device", help="torch device (default: cuda when available)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="extra overrides of every arm's experiment config (appended to base.overrides)")
@@ -919,6 +927,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.jobs < 1:
             raise StudyError(f"--jobs {args.jobs} must be >= 1")
         study = load_study(args.config, args.overrides, args.output)
+        if args.seeds:
+            if len(set(args.seeds)) != len(args.seeds):
+                raise StudyError(f"--seeds {args.seeds}: seeds must be distinct")
+            study.seeds = list(args.seeds)
         summary = run_study(study, jobs=args.jobs, device=args.device, plots_dir=args.plots_dir, only_arms=args.arms)
     except (StudyError, ConfigError, CheckpointError, TrainingError) as e:
         print(f"study: error: {e}", file=sys.stderr)
