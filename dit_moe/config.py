@@ -57,8 +57,8 @@ class RoutingConfig:
     # DTop-p controller
     target: Optional[float] = None          # target mean activated experts per token (None: the name's K)
     scope: str = "global"                   # global | layer
-    kp: float = 1.0
-    ki: float = 0.1
+    kp: float = 0.05                        # tuned: the spec's 1.0 oscillates once routing sharpens (see routers/dtopp.py)
+    ki: float = 0.25
     p0: Optional[float] = None              # None: target / num_experts
     p_min: float = 0.01
     p_max: float = 0.99
