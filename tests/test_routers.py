@@ -276,3 +276,14 @@ def test_controller_state_in_model_state_dict_once_and_deepcopy():
     assert ema.routing_controller is not net.routing_controller
     ema.routing_controller.threshold.fill_(0.5)
     assert net.moes[0].router.controller.threshold.item() != 0.5
+
+
+def test_top_p_mask_keeps_one_expert_at_zero_threshold_and_nan():
+    from dit_moe.models.routers.base import top_p_mask
+
+    probs = torch.softmax(torch.randn(6, 8), dim=1)
+    mask, _ = top_p_mask(probs, 0.0)
+    assert torch.equal(mask.sum(1), torch.ones(6, dtype=torch.long))
+    assert torch.equal(mask.float().argmax(1), probs.argmax(1))
+    nan_mask, _ = top_p_mask(torch.full((3, 8), float("nan")), 0.5)
+    assert torch.equal(nan_mask.sum(1), torch.ones(3, dtype=torch.long))

@@ -74,6 +74,7 @@ def top_p_mask(probs: torch.Tensor, threshold: torch.Tensor | float, k_max: int 
     sorted_probs, order = probs.sort(dim=1, descending=True)
     before = sorted_probs.cumsum(1) - sorted_probs                    # exclusive cumsum (N, E)
     keep = before < threshold
+    keep[:, 0] = True          # also at p = 0 and for non-finite probabilities: never a token without an expert
     capped = torch.zeros_like(keep[:, 0])
     if k_max is not None:
         capped = keep[:, k_max:].any(1) if k_max < keep.shape[1] else capped
