@@ -549,7 +549,11 @@ def _worker_init(threads: int) -> None:
 
 
 def _worker_run(study: StudyConfig, arm_name: str, seed: int, threshold: Optional[float], device: str) -> dict:
-    return run_arm(study, study.arm(arm_name), seed, threshold, device=device)
+    try:
+        return run_arm(study, study.arm(arm_name), seed, threshold, device=device)
+    except Exception as e:
+        # Some errors (TrainingInterrupted) do not survive pickling back to the parent; send their message instead.
+        raise StudyError(f"run {arm_name}-s{seed} failed: {type(e).__name__}: {e}") from None
 
 
 def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, plots_dir: Optional[Path] = None,
