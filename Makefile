@@ -23,6 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The pictures the README shows, regenerated from the demo run (runs/default).
+assets: demo
+	mkdir -p assets
+	cp runs/default/samples.png assets/samples.png
+	cp runs/default/analysis/active_per_layer.png assets/active_per_layer.png
+	cp runs/default/analysis/active_spatial.png assets/active_spatial.png
+	cp runs/default/analysis/train_active_experts.png assets/train_active_experts.png
+
 bench: $(STAMP)
 	$(PY) benchmarks/moe_dispatch.py
 
