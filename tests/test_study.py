@@ -105,3 +105,13 @@ def test_calibrated_threshold_hits_the_target_and_restores_the_model():
         if isinstance(r, TopPRouter):
             r.threshold = min(1.0, result["threshold"] + 0.2)
     assert study.probe_routing(model, inputs)["mean"] > result["measured"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("study-*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_configs_load(path):
+    """Every study config we ship validates, and each of its arms resolves to an experiment config."""
+    spec = study.load_study(path)
+    assert spec.arms and spec.seeds
+    for arm in spec.arms:
+        cfg = study.arm_config(spec, arm, spec.seeds[0], threshold=0.3 if arm.calibrate_from else None)
+        assert cfg.train.seed == spec.seeds[0]
