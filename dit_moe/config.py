@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class RoutingConfig:
-    """Router family and hyper-parameters; ``None`` means the router's published default (routing-spec.md)."""
+    """Router family and hyper-parameters; ``None`` means the router's default (README, Routing options)."""
     type: str = "topk"                      # topk | topp | dtopp
     renormalize: Optional[bool] = None      # topk/topp: False, dtopp: True
     lb_coef: Optional[float] = None         # load-balance loss; topk/topp: 0.01, dtopp: 1e-4
@@ -54,16 +54,17 @@ class RoutingConfig:
     entropy_coef: Optional[float] = None    # topk: 0, topp: 0, dtopp: 1e-3
     threshold: float = 0.4                  # topp: fixed p (Huang et al.)
     k_max: Optional[int] = None             # topp/dtopp: hard cap on experts per token (None: no cap)
-    # DTop-p controller
+    # DTop-p controller (docs/dtopp-controller.md)
     target: Optional[float] = None          # target mean activated experts per token (None: the name's K)
     scope: str = "global"                   # global | layer
-    kp: float = 0.05                        # tuned: the spec's 1.0 oscillates once routing sharpens (see routers/dtopp.py)
+    kp: float = 0.05                        # stable for router gain g/E < 5.7; Kp=1, Ki=0.1 only for g/E < 0.95
     ki: float = 0.25
-    p0: Optional[float] = None              # None: target / num_experts
+    p0: Optional[float] = None              # None: the threshold at which standardised Gaussian logits hit the target
     p_min: float = 0.01
     p_max: float = 0.99
-    i_max: Optional[float] = None           # anti-windup bound on the integral; None: 1 / ki
-    drn_log_scale_max: float = 3.0          # DRN scale s = exp(theta), theta clamped to [-max, max]
+    i_max: Optional[float] = None           # ignored (old configs load): the incremental PI law cannot wind up
+    drn_log_scale_max: float = 3.0          # DRN scale s = exp(theta), theta >= -max (and <= max)
+    drn_scale_max: Optional[float] = None   # None: the largest s at which p_max can still reach the target
     # Default MoE (composes with every router)
     default_moe: bool = False
     default_mode: str = "grad_only"         # grad_only | forward
