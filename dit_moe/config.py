@@ -57,8 +57,9 @@ class RoutingConfig:
     # DTop-p controller (docs/dtopp-controller.md)
     target: Optional[float] = None          # target mean activated experts per token (None: the name's K)
     scope: str = "global"                   # global | layer
-    kp: float = 0.05                        # stable for router gain g/E < 5.7; Kp=1, Ki=0.1 only for g/E < 0.95
-    ki: float = 0.25
+    threshold_space: str = "logit"          # logit: the PI law acts on log(p / (1 - p)); linear: on p (the paper's form)
+    kp: Optional[float] = None              # None: logit 0.2, linear 0.05 (stable for loop gain g/E < 1.43 / 5.7)
+    ki: Optional[float] = None              # None: logit 1.0, linear 0.25
     p0: Optional[float] = None              # None: the threshold at which standardised Gaussian logits hit the target
     p_min: float = 0.01
     p_max: float = 0.99
@@ -142,6 +143,7 @@ CHOICES = {
     "model.expert_kind": ("gelu", "swiglu"),
     "routing.type": ("topk", "topp", "dtopp"),
     "routing.scope": ("global", "layer"),
+    "routing.threshold_space": ("logit", "linear"),
     "routing.default_mode": ("grad_only", "forward"),
     "data.source": ("builtin", "latents"),
     "train.lr_schedule": ("constant", "cosine"),

@@ -227,46 +227,53 @@ def test_controller_sign_both_ways_and_clamps():
     assert p0 == pytest.approx(2 / 8)
     ctrl.update(torch.full((3,), 4.0 * 100), torch.full((3,), 100.0))     # too many experts -> lower p
     assert ctrl.threshold.item() < p0 and ctrl.measured.item() == pytest.approx(4.0)
-    ctrl = ThresholdController(8, target=2, num_layers=3, kp=1.0, ki=0.1, p0=0.25)
+    ctrl = ThresholdController(8, target=2, num_layers=3, kp=1.0, ki=0.1, p0=0.25, space="linear")
     ctrl.update(torch.full((3,), 1.0 * 100), torch.full((3,), 100.0))     # too few -> raise p
     assert ctrl.threshold.item() > p0
-    # the exact positional PI formula on the first step
+    # the exact positional PI formula on the first step (in p for the linear space, in log-odds for logit)
     e = (2 - 1) / 8
     assert ctrl.integral.item() == pytest.approx(e)
     assert ctrl.threshold.item() == pytest.approx(0.25 + 1.0 * e + 0.1 * e)
+    ctrl = ThresholdController(8, target=2, num_layers=3, p0=0.25)
+    assert (ctrl.space, ctrl.kp, ctrl.ki) == ("logit", 0.2, 1.0)
+    ctrl.update(torch.full((3,), 1.0 * 100), torch.full((3,), 100.0))
+    assert ctrl.threshold.item() == pytest.approx(1 / (1 + math.exp(-(math.log(0.25 / 0.75) + 1.2 * e))))
 
 
-def test_controller_incremental_law_equals_positional_pi_when_unsaturated():
+@pytest.mark.parametrize("space", ["logit", "linear"])
+def test_controller_incremental_law_equals_positional_pi_when_unsaturated(space):
     kp, ki, p0 = 0.3, 0.2, 0.5
-    ctrl = ThresholdController(8, target=2, num_layers=1, kp=kp, ki=ki, p0=p0)
+    ctrl = ThresholdController(8, target=2, num_layers=1, kp=kp, ki=ki, p0=p0, space=space)
     a = 2.0 + 0.5 * torch.sin(torch.arange(40.0, dtype=torch.float64))
     total = 0.0
     for a_t in a.tolist():
         ctrl.update(torch.tensor([a_t]), torch.tensor([1.0]))
         e = (2.0 - a_t) / 8
         total += e
-        assert ctrl.threshold.item() == pytest.approx(p0 + kp * e + ki * total, abs=1e-6)
+        u = ctrl.to_u(p0) + kp * e + ki * total
+        assert ctrl.threshold.item() == pytest.approx(u if space == "linear" else 1 / (1 + math.exp(-u)), abs=1e-6)
         assert ctrl.integral.item() == pytest.approx(total, abs=1e-6)
     assert ctrl.saturated_steps.item() == 0
 
 
-def test_controller_no_windup_leaves_bound_at_once_and_flags_saturation():
+@pytest.mark.parametrize("space", ["logit", "linear"])
+def test_controller_no_windup_leaves_bound_at_once_and_flags_saturation(space):
     """Issue 13.2: after a long saturation the threshold must leave the bound on the first step the error changes
     sign (a clipped-integral positional law stayed pinned for i_max / |e| steps, running at up to twice the target)."""
-    ctrl = ThresholdController(8, target=2, num_layers=1, kp=0.05, ki=0.25)
+    ctrl = ThresholdController(8, target=2, num_layers=1, space=space)
     for _ in range(500):
         ctrl.update(torch.tensor([1.0]), torch.tensor([1.0]))               # too few experts even at p_max
     assert ctrl.threshold.item() == pytest.approx(ctrl.p_max)
     integral = ctrl.integral.item()
     ctrl.update(torch.tensor([2.5]), torch.tensor([1.0]))                   # now too many
-    assert ctrl.threshold.item() < ctrl.p_max - 0.01
+    assert ctrl.threshold.item() < ctrl.p_max - 1e-4
     for _ in range(500):
         ctrl.update(torch.tensor([8.0]), torch.tensor([1.0]))
     assert ctrl.threshold.item() == pytest.approx(ctrl.p_min)
     ctrl.update(torch.tensor([1.5]), torch.tensor([1.0]))
-    assert ctrl.threshold.item() > ctrl.p_min + 0.01
+    assert ctrl.threshold.item() > ctrl.p_min + 1e-4
     # the integral was back-calculated: exactly what kept the positional law on the bound
-    assert ctrl.p0 + ctrl.kp * 1 / 8 + ctrl.ki * integral == pytest.approx(ctrl.p_max)
+    assert ctrl.to_u(ctrl.p0) + ctrl.kp / 8 + ctrl.ki * integral == pytest.approx(ctrl.to_u(ctrl.p_max), abs=1e-3)
     assert ctrl.saturated.item() == 0 and ctrl.saturated_steps.item() > 900
     for _ in range(3):
         ctrl.update(torch.tensor([8.0]), torch.tensor([1.0]))
@@ -370,15 +377,18 @@ def _train(net, steps, seed=0, lr=3e-3):
     return torch.stack(measured)
 
 
+@pytest.mark.parametrize("space", ["logit", "linear"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_controller_drives_learning_router_to_target(scope):
+def test_controller_drives_learning_router_to_target(scope, space):
+    """A router that keeps sharpening is a ramp disturbance, which a PI loop follows with a lag ~ E rate / Ki:
+    at the default config's learning rate (1e-3) the running mean stays within 3% of the target."""
     torch.manual_seed(0)
-    net = _TinyMoENet(RoutingConfig(type="dtopp", target=2.0, scope=scope, kp=0.05, ki=0.25))
-    measured = _train(net, steps=200)
+    net = _TinyMoENet(RoutingConfig(type="dtopp", target=2.0, scope=scope, threshold_space=space))
+    measured = _train(net, steps=200, lr=1e-3)
     tail = measured[-100:]
-    assert abs(tail.mean().item() - 2.0) / 2.0 < 0.05, f"running mean {tail.mean():.3f} misses target 2"
+    assert abs(tail.mean().item() - 2.0) / 2.0 < 0.03, f"running mean {tail.mean():.3f} misses target 2"
     if scope == "layer":
-        assert ((tail.mean(0) - 2.0).abs() / 2.0 < 0.05).all()
+        assert ((tail.mean(0) - 2.0).abs() / 2.0 < 0.03).all()
     assert net.routing_controller.saturated_steps.sum() == 0
 
 

@@ -282,7 +282,8 @@ def build_controller(routing_cfg, num_experts: int, top_k: int, num_moe_layers: 
     return ThresholdController(
         num_experts=num_experts, target=_or(routing_cfg.target, float(top_k)), num_layers=num_moe_layers,
         scope=routing_cfg.scope, kp=routing_cfg.kp, ki=routing_cfg.ki, p0=routing_cfg.p0,
-        p_min=routing_cfg.p_min, p_max=routing_cfg.p_max, i_max=routing_cfg.i_max)
+        p_min=routing_cfg.p_min, p_max=routing_cfg.p_max, i_max=routing_cfg.i_max,
+        space=routing_cfg.threshold_space)
 
 
 def build_router(dim: int, moe_layer: int, num_experts: int, top_k: int, routing_cfg,

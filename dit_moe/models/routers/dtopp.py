@@ -98,6 +98,10 @@ def margin_threshold(p_max: float) -> float:
 #                                         The PI controller
 # ---------------------------------------------------------------------------------------------------------
 
+SPACES = ("logit", "linear")
+GAINS = {"logit": (0.2, 1.0), "linear": (0.05, 0.25)}   # (Kp, Ki) defaults per space, docs/dtopp-controller.md
+
+
 class ThresholdController(nn.Module):
     """PI controller on the top-p threshold, shared by every DTop-p layer of a model.
 
@@ -107,33 +111,40 @@ class ThresholdController(nn.Module):
 
         a_t = sum_l sum_t m_lt / (L N)      (global; per layer: a_l = sum_t m_lt / N)
         e_t = (target - a_t) / E
-        p_t = clip(p_{t-1} + Kp (e_t - e_{t-1}) + Ki e_t,  p_min, p_max)
+        u_t = clip(u_{t-1} + Kp (e_t - e_{t-1}) + Ki e_t,  u(p_min), u(p_max)),     p_t = u^-1(u_t)
 
-    Unclamped this is exactly the positional law p_t = p0 + Kp e_t + Ki sum_{s<=t} e_s (p_{-1} = p0, e_{-1} = 0).
-    Clamped, it is that law with back-calculation anti-windup: the integral never runs past what the bound lets
-    the threshold use, so the threshold leaves the bound on the first step the error changes sign. ``integral``
-    holds that back-calculated sum (for logging). An update whose unclamped threshold left [p_min, p_max] sets
-    ``saturated`` (1 or -1 for the upper or lower bound, 0 otherwise) and counts in ``saturated_steps`` (both
-    non-persistent: diagnostics, not state). a > target gives e < 0 and lowers p.
+    with u(p) = log(p / (1 - p)) (``space="logit"``, the default) or u(p) = p (``"linear"``: the PI law on p
+    itself, as the paper states it). Unclamped this is exactly the positional law u_t = u(p0) + Kp e_t +
+    Ki sum_{s<=t} e_s. Clamped, it is that law with back-calculation anti-windup: the integral never runs past what
+    the bound lets the threshold use, so the threshold leaves the bound on the first step the error changes sign.
+    ``integral`` holds that back-calculated sum (for logging). An update whose unclamped value left the bounds sets
+    ``saturated`` (1 or -1 for the upper or lower bound, else 0) and counts in ``saturated_steps`` (non-persistent
+    diagnostics). a > target gives e < 0 and lowers p.
 
-    Stability (docs/dtopp-controller.md). Linearise the routers around the operating point, a = a* + g (p - p*),
-    and let gamma = g / E. The closed loop is z^2 - (1 - gamma (Kp + Ki)) z - gamma Kp = 0; the Jury conditions give
-    stability iff  gamma Ki > 0,  gamma Kp < 1  and  gamma (2 Kp + Ki) < 2. Measured on trained DiT-MoEs, gamma is
-    0.2-0.9 at the operating point. The published-style Kp = 1, Ki = 0.1 is stable only for gamma < 2 / 2.1 = 0.952,
-    i.e. barely; our Kp = 0.05, Ki = 0.25 is stable for gamma < 5.7 and has its slow pole at 1 - gamma (Kp + Ki)
-    (about 0.85-0.94: a time constant of 7-17 steps).
+    Stability (derivation and measurements in docs/dtopp-controller.md). Linearise the routers at the operating
+    point, a = a* + g (u - u*), gamma = g / E. The loop is z^2 - (1 - gamma (Kp + Ki)) z - gamma Kp = 0; the Jury
+    conditions give stability iff gamma Ki > 0, gamma Kp < 1 and gamma (2 Kp + Ki) < 2. In p (linear space) the
+    gain g = da/dp grows without bound as routers sharpen and the threshold nears 1 (measured on the digits: gamma
+    0.6 at the start, 4 at p = 0.96, 12 at p = 0.975), so no fixed gains stay stable (Kp = 1, Ki = 0.1 needs
+    gamma < 0.952; Kp = 0.05, Ki = 0.25 gamma < 5.7). In log-odds the needed experts grow about linearly with u
+    (softmax tails are exponential), and the measured gamma stays 0.1-0.35 over the run: Kp = 0.2, Ki = 1.0 is
+    stable for gamma < 1.43 and settles in ~5 steps at gamma = 0.15.
     """
 
-    def __init__(self, num_experts: int, target: float, num_layers: int, scope: str = "global", kp: float = 0.05,
-                 ki: float = 0.25, p0: float | None = None, p_min: float = 0.01, p_max: float = 0.99,
-                 i_max: float | None = None):
+    def __init__(self, num_experts: int, target: float, num_layers: int, scope: str = "global",
+                 kp: float | None = None, ki: float | None = None, p0: float | None = None, p_min: float = 0.01,
+                 p_max: float = 0.99, i_max: float | None = None, space: str = "logit"):
         super().__init__()
         if scope not in ("global", "layer"):
             raise ValueError(f"DTop-p scope={scope!r} must be 'global' or 'layer'")
+        if space not in SPACES:
+            raise ValueError(f"DTop-p threshold_space={space!r} must be one of {SPACES}")
         if not 1 <= target <= num_experts:
             raise ValueError(f"DTop-p target={target} must be in [1, num_experts={num_experts}]")
         if not 0.0 < p_min <= p_max <= 1.0:
             raise ValueError(f"DTop-p threshold bounds p_min={p_min}, p_max={p_max} must satisfy 0 < p_min <= p_max <= 1")
+        kp = GAINS[space][0] if kp is None else kp
+        ki = GAINS[space][1] if ki is None else ki
         if kp < 0 or ki < 0 or kp + ki == 0:
             raise ValueError(f"DTop-p gains kp={kp}, ki={ki} must be >= 0 and not both 0")
         if i_max is not None:
@@ -143,6 +154,7 @@ class ThresholdController(nn.Module):
         self.target = float(target)
         self.num_layers = num_layers
         self.scope = scope
+        self.space = space
         self.kp, self.ki = kp, ki
         self.p0 = standard_normal_threshold(num_experts, self.target) if p0 is None else p0
         self.p_min, self.p_max = p_min, p_max
@@ -154,6 +166,18 @@ class ThresholdController(nn.Module):
         self.register_buffer("error", torch.zeros(size))
         self.register_buffer("saturated", torch.zeros(size), persistent=False)
         self.register_buffer("saturated_steps", torch.zeros(size), persistent=False)
+
+    def to_u(self, p):
+        """Threshold -> the controller's coordinate (log-odds, clipped at 1e-6 from 0 and 1, or p itself)."""
+        if self.space == "linear":
+            return p
+        if isinstance(p, torch.Tensor):
+            return torch.logit(p, eps=1e-6)
+        p = min(max(p, 1e-6), 1 - 1e-6)
+        return math.log(p / (1 - p))
+
+    def from_u(self, u: torch.Tensor) -> torch.Tensor:
+        return u if self.space == "linear" else torch.sigmoid(u)
 
     def slot(self, layer: int) -> int:
         """Which threshold entry MoE layer ``layer`` (0-based among MoE layers) reads."""
@@ -174,10 +198,12 @@ class ThresholdController(nn.Module):
         valid = tokens > 0
         a = active_sum / tokens.clamp(min=1)
         e = (self.target - a) / self.num_experts
-        raw = self.threshold + self.kp * (e - self.error) + self.ki * e
-        p = raw.clamp(self.p_min, self.p_max)
-        integral = self.integral + e + ((p - raw) / self.ki if self.ki else 0.0)     # back-calculated
-        saturated = (raw > self.p_max).float() - (raw < self.p_min).float()
+        raw = self.to_u(self.threshold) + self.kp * (e - self.error) + self.ki * e
+        lo, hi = self.to_u(self.p_min), self.to_u(self.p_max)
+        u = raw.clamp(lo, hi)
+        integral = self.integral + e + ((u - raw) / self.ki if self.ki else 0.0)     # back-calculated
+        saturated = (raw > hi).float() - (raw < lo).float()
+        p = self.from_u(u).clamp(self.p_min, self.p_max)
         for buf, new in ((self.threshold, p), (self.integral, integral), (self.measured, a), (self.error, e),
                          (self.saturated, saturated), (self.saturated_steps, self.saturated_steps + saturated.abs())):
             buf.copy_(torch.where(valid, new, buf))
@@ -193,8 +219,8 @@ class ThresholdController(nn.Module):
                       "routing.drn_scale_max / entropy_coef.", RuntimeWarning, stacklevel=2)
 
     def extra_repr(self) -> str:
-        return (f"target={self.target}, scope={self.scope}, kp={self.kp}, ki={self.ki}, p0={self.p0:.4g}, "
-                f"p=[{self.p_min}, {self.p_max}]")
+        return (f"target={self.target}, scope={self.scope}, space={self.space}, kp={self.kp}, ki={self.ki}, "
+                f"p0={self.p0:.4g}, p=[{self.p_min}, {self.p_max}]")
 
 
 # ---------------------------------------------------------------------------------------------------------
