@@ -1,24 +1,26 @@
-"""The DTop-p control loop's plant gain at a checkpoint's operating point: g / E with g = da/dp.
+"""The DTop-p control loop's plant gain at a checkpoint's operating point, g / E, in both threshold coordinates.
 
     python benchmarks/dtopp_gain.py CHECKPOINT_OR_RUN [...] [--batch 512] [--delta 0.01] [--seed 0]
 
 For each checkpoint (a checkpoint folder or a run folder: its latest checkpoint), the training weights are
 loaded, a batch of the run's training data is noised at uniform timesteps (the distribution the controller
 sees in training), and the mean activated experts a(p) over all MoE layers is measured at the checkpoint's
-threshold p* and at p* -/+ delta with the threshold forced there (global scope only). The central difference
-g = (a(p*+d) - a(p*-d)) / (2 d), divided by E, is the loop gain that enters the controller's stability condition
-gamma (2 Kp + Ki) < 2 (docs/dtopp-controller.md). One JSON line per checkpoint.
+threshold p* and at the thresholds whose log-odds are u* -/+ delta (global scope only). The central differences
+da/du and da/dp = (da/du) / (p (1 - p)), divided by E, are the loop gains gamma of the controller's stability
+condition gamma (2 Kp + Ki) < 2 in the log-odds and in the linear threshold space (docs/dtopp-controller.md).
+One JSON line per checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from dit_moe.checkpoint import build_from_checkpoint, list_checkpoints, is_checkpoint
+from dit_moe.checkpoint import build_from_checkpoint, is_checkpoint, list_checkpoints
 from dit_moe.data import build_dataset
 
 
@@ -65,14 +67,17 @@ def measure(path: Path, batch: int, delta: float, seed: int) -> dict:
         model(x_t, t, y)
         return float(torch.stack(counts).mean())
 
-    lo, hi = max(p_star - delta, controller.p_min), min(p_star + delta, controller.p_max)
+    u_star = math.log(p_star / (1 - p_star))
+    lo, hi = (1 / (1 + math.exp(-(u_star + s * delta))) for s in (-1, 1))
     a_lo, a_star, a_hi = active(lo), active(p_star), active(hi)
     for h in hooks:
         h.remove()
     E = controller.num_experts
+    gain_u = (a_hi - a_lo) / (2 * delta) / E
     scales = [float(r.scale()) for r in routers if hasattr(r, "scale")]
     return {"checkpoint": str(path), "step": ckpt.step, "threshold": round(p_star, 4), "a": round(a_star, 4),
-            "a_lo": round(a_lo, 4), "a_hi": round(a_hi, 4), "gain_over_E": round((a_hi - a_lo) / (hi - lo) / E, 3),
+            "a_lo": round(a_lo, 4), "a_hi": round(a_hi, 4), "gain_logit_over_E": round(gain_u, 3),
+            "gain_linear_over_E": round(gain_u / (p_star * (1 - p_star)), 3),
             "drn_scale": [round(s, 3) for s in scales], "target": controller.target, "delta": delta}
 
 
@@ -80,7 +85,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--delta", type=float, default=0.01)
+    ap.add_argument("--delta", type=float, default=0.1, help="half-step in log-odds")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     for path in _checkpoints(args.paths):

@@ -3,7 +3,7 @@
     python docs/plot_dtopp_controller.py RUN_DIR[=LABEL] [...] --out docs/dtopp-controller.png
 
 Each run folder must hold the metrics.jsonl that training writes (keys active_experts, target_experts, threshold,
-drn_scale). Prints, per run, the mean activated experts over the last half of the steps, the largest deviation of a
+drn_scale); logged steps are drawn faintly, their running mean over --window steps bold. Prints, per run, the mean activated experts over the last half of the steps, the largest deviation of a
 logged step from the target in that half, and how many logged steps had the threshold on a bound (p_min/p_max of
 the run's config). The dashed line in the scale panel is the default DRN scale bound of the run's E, target and
 p_max (dit_moe.models.routers.dtopp.drn_scale_bound).
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=LABEL")
     ap.add_argument("--out", default="docs/dtopp-controller.png")
     ap.add_argument("--num-experts", type=int, default=8, help="E, for the DRN scale bound line")
+    ap.add_argument("--window", type=int, default=100, help="running mean of the experts over this many steps")
     args = ap.parse_args(argv)
 
     import matplotlib
@@ -65,7 +66,11 @@ def main(argv=None) -> int:
         label = label or Path(run).name
         print(json.dumps({"run": label, **summary(rows, routing)}))
         steps = [r["step"] for r in rows]
-        line, = axes[0].plot(steps, [r["active_experts"] for r in rows], lw=1, label=label)
+        experts = [r["active_experts"] for r in rows]
+        line, = axes[0].plot(steps, experts, lw=0.6, alpha=0.35)
+        smooth = [sum(v for s, v in zip(steps, experts) if step - args.window < s <= step) /
+                  sum(1 for s in steps if step - args.window < s <= step) for step in steps]
+        axes[0].plot(steps, smooth, lw=1.5, color=line.get_color(), label=f"{label} ({args.window}-step mean)")
         axes[1].plot(steps, [r["threshold"] for r in rows], lw=1, color=line.get_color())
         axes[2].plot(steps, [r["drn_scale"] for r in rows], lw=1, color=line.get_color())
     target = rows[-1]["target_experts"]

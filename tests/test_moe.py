@@ -125,6 +125,16 @@ def test_grouped_mm_probes_the_real_shape_and_falls_back(hidden, monkeypatch):
     torch.testing.assert_close(got, moe(x), rtol=2e-2, atol=2e-2)
 
 
+def test_grouped_mm_probe_first_reached_under_inference_mode(monkeypatch):
+    """Sampling may be the first caller: the probe's backward must not fail there and disable the grouped path."""
+    monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", True)
+    monkeypatch.setattr(moe_mod, "_grouped_mm_ok", {})
+    moe = MoEMLP(16, TopKRouter(16, E, top_k=2), ExpertBank(E, 16, 32, "gelu"))
+    with torch.inference_mode():
+        moe(torch.randn(10, 16))
+    assert list(moe_mod._grouped_mm_ok.values()) == [True]
+
+
 def _capture_expert_outputs(moe):
     """Forward hook storing the (M, D) expert outputs of the last call."""
     store = {}
@@ -352,3 +362,30 @@ def test_routing_step_reduces_once_and_reports_stats():
     assert stats["threshold"].shape == (1,) and stats["drn_scale"].shape == (2,)
     assert (stats["mean_active"] >= 1).all()
     assert torch.isclose(stats["measured"][0], stats["mean_active"].mean())
+
+
+def test_checkpoints_of_the_previous_format_load_and_their_drn_scale_is_projected_on_the_first_step():
+    """Router and controller state-dict keys are those the toolkit wrote before the controller rework (no new
+    persistent buffers: saturation counters are non-persistent), so old checkpoints load strictly. An old run's DRN
+    scale beyond today's bound is kept for eval (the model samples as it was trained) and projected by the first
+    routing_step of a resumed run."""
+    import math
+
+    cfg = RoutingConfig(type="dtopp", default_moe=True)
+    model = _dit(cfg)
+    keys = sorted(k for k in model.state_dict() if "router" in k or "routing_controller" in k or "default_vectors" in k)
+    assert keys == ['blocks.0.mlp.default_vectors.vectors', 'blocks.0.mlp.router.log_scale', 'blocks.0.mlp.router.weight',
+                    'blocks.1.mlp.default_vectors.vectors', 'blocks.1.mlp.router.log_scale', 'blocks.1.mlp.router.weight',
+                    'routing_controller.error', 'routing_controller.integral', 'routing_controller.measured',
+                    'routing_controller.threshold']
+    state = model.state_dict()
+    state["blocks.0.mlp.router.log_scale"] = torch.tensor(math.log(2.8))
+    state["routing_controller.threshold"] = torch.tensor([0.99])
+    fresh = _dit(cfg)
+    fresh.load_state_dict(state)
+    router = fresh.blocks[0].mlp.router
+    assert router.scale().item() == pytest.approx(2.8)
+    fresh.train()
+    fresh(*_batch())
+    routing_step(fresh)
+    assert router.scale().item() == pytest.approx(math.exp(router.log_scale_max), rel=1e-6) and router.scale().item() < 2.8

@@ -427,3 +427,15 @@ def test_top_p_mask_keeps_one_expert_at_zero_threshold_and_nan():
     assert torch.equal(mask.float().argmax(1), probs.argmax(1))
     nan_mask, _ = top_p_mask(torch.full((3, 8), float("nan")), 0.5)
     assert torch.equal(nan_mask.sum(1), torch.ones(3, dtype=torch.long))
+
+
+def test_old_config_keys_still_build():
+    """Configs written before the controller rework: i_max is accepted (and ignored, with a warning) and explicit
+    gains keep their meaning in the space they are given for."""
+    with pytest.warns(UserWarning, match="i_max is ignored"):
+        ctrl = build_controller(RoutingConfig(type="dtopp", i_max=4.0), 8, 2, 2)
+    assert ctrl.space == "logit" and (ctrl.kp, ctrl.ki) == (0.2, 1.0)
+    ctrl = build_controller(RoutingConfig(type="dtopp", threshold_space="linear", kp=0.05, ki=0.25), 8, 2, 2)
+    assert (ctrl.space, ctrl.kp, ctrl.ki) == ("linear", 0.05, 0.25)
+    with pytest.raises(ValueError, match="threshold_space"):
+        build_controller(RoutingConfig(type="dtopp", threshold_space="log"), 8, 2, 2)

@@ -102,6 +102,10 @@ class ExpertBank(nn.Module):
     def grouped_runs(self, device: torch.device, dtype: torch.dtype) -> None:
         """Run the grouped path forward and backward once on a few tokens with this bank's real weight shapes (an
         empty expert included); raises what grouped_mm raises (e.g. row strides not a multiple of 16 bytes)."""
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
+            self._probe(device, dtype)          # also when first reached from sampling under inference_mode
+
+    def _probe(self, device: torch.device, dtype: torch.dtype) -> None:
         E = self.num_experts
         counts = torch.ones(E, dtype=torch.long, device=device)
         counts[0] = 0
@@ -110,9 +114,8 @@ class ExpertBank(nn.Module):
         x = torch.zeros(E, self.dim, device=device, dtype=dtype, requires_grad=True)
         weights = [w.detach().to(device, dtype).requires_grad_(True) if w is not None else None
                    for w in (self.w_in, self.b_in, self.w_out, self.b_out)]
-        with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
-            y = self._grouped(x, counts, expert_idx, *weights)
-            torch.autograd.grad(y, [x] + [w for w in weights if w is not None], torch.ones_like(y))
+        y = self._grouped(x, counts, expert_idx, *weights)
+        torch.autograd.grad(y, [x] + [w for w in weights if w is not None], torch.ones_like(y))
 
 
 def _act_forward_backward(kind: str, h: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
