@@ -41,9 +41,7 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,19 +49,17 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checkpoint import EMA_FILE, CheckpointError, build_from_checkpoint, is_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import EMA_FILE, CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, SampleConfig, TrainConfig
 from .layouts import (LayoutError, check_state, detect_layout, diffusers_model_config, diffusers_to_dit_moe,
-                      dit_moe_to_diffusers, dit_to_dit_moe, infer_dit_config, module_from_state)
+                      dit_to_dit_moe, infer_dit_config, module_from_state)
 from .registry import parse_name
 
-__all__ = ["ConvertError", "Imported", "read_source", "save_imported", "export_diffusers", "prepare_output",
-           "dit_experiment", "build_parser", "main"]
+__all__ = ["ConvertError", "Imported", "read_source", "save_imported", "prepare_output", "dit_experiment", "one_line",
+           "imagenet_class_names", "build_parser", "main"]
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"     # DiT's sample_ddp.py default for its FID runs
 SD_VAE_SCALING, SD_VAE_FACTOR = 0.18215, 8
-# DiT's training schedule (linear betas, T = 1000), for the scheduler of an exported DiTPipeline.
-DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 CONVENTIONS = ("dit", "diffusers")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -72,7 +68,7 @@ class ConvertError(ValueError):
     """A source that cannot be converted, or an output that must not be written; the message names it."""
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
 
@@ -136,9 +132,9 @@ def _torch_load(path: Path) -> object:
         if found:
             raise ConvertError(f"{path}: holds a Python object ({found[1]}) that torch.load(weights_only=True) refuses; "
                                "not loaded, for safety (re-save only its state dict)") from None
-        raise ConvertError(f"{path}: not a PyTorch checkpoint ({_one_line(e)})") from None
+        raise ConvertError(f"{path}: not a PyTorch checkpoint ({one_line(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ConvertError(f"{path}: not a PyTorch checkpoint ({_one_line(e)})") from None
+        raise ConvertError(f"{path}: not a PyTorch checkpoint ({one_line(e)})") from None
 
 
 def _as_state_dict(obj: object, where: str) -> dict:
@@ -175,7 +171,7 @@ def _read_weights_file(path: Path, convention, vae, input_size) -> Imported:
         try:
             obj = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ConvertError(f"{path}: not a safetensors file ({_one_line(e)})") from None
+            raise ConvertError(f"{path}: not a safetensors file ({one_line(e)})") from None
     else:
         obj = _torch_load(path)
     model, ema, extra = _unwrap(obj, where)
@@ -235,7 +231,7 @@ def _load_local_diffusers(path: Path):
     try:
         transformer = DiTTransformer2DModel.from_pretrained(str(tdir))
     except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
-        raise ConvertError(f"{tdir}: cannot load the DiTTransformer2DModel ({_one_line(e)})") from None
+        raise ConvertError(f"{tdir}: cannot load the DiTTransformer2DModel ({one_line(e)})") from None
     return transformer, pipeline
 
 
@@ -249,7 +245,7 @@ def _load_hub_diffusers(repo_id: str):
             transformer = DiTTransformer2DModel.from_pretrained(repo_id, subfolder="transformer")
     except (OSError, ValueError) as e:
         # Offline, diffusers reports a missing config.json, which misleads: say where the files must be instead.
-        why = " (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else f" [{_one_line(e)}]"
+        why = " (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else f" [{one_line(e)}]"
         raise ConvertError(
             f"{repo_id}: not a local path, and its transformer is neither on the Hugging Face hub{why} nor in the "
             f"cache {constants.HF_HUB_CACHE}; on a machine with internet run `huggingface-cli download {repo_id} "
@@ -260,7 +256,7 @@ def _load_hub_diffusers(repo_id: str):
         AutoencoderKL.load_config(repo_id, subfolder="vae")
         AutoencoderKL.from_pretrained(repo_id, subfolder="vae")
     except (OSError, ValueError) as e:
-        print(f"note: {repo_id} has no usable vae/ ({_one_line(e)}); recording {DEFAULT_VAE}", file=sys.stderr)
+        print(f"note: {repo_id} has no usable vae/ ({one_line(e)}); recording {DEFAULT_VAE}", file=sys.stderr)
     try:
         from huggingface_hub import hf_hub_download
         hf_hub_download(repo_id, "model_index.json")
@@ -367,66 +363,6 @@ def save_imported(imp: Imported, out: str | os.PathLike, *, overwrite: bool = Fa
                            meta=imp.meta)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _is_diffusers_folder(path: Path) -> bool:
-    return (path / "model_index.json").is_file() or (path / "transformer" / "config.json").is_file()
-
-
-def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, which: str = "ema",
-                     vae: Optional[str] = None, transformer_only: bool = False, overwrite: bool = False) -> Path:
-    """A dense dit-moe checkpoint -> ``out/transformer`` (DiTTransformer2DModel) and, with a VAE, a whole
-    DiTPipeline folder (``vae/``, ``scheduler/``, ``model_index.json`` with the class names)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
-    out = prepare_output(out, overwrite, _is_diffusers_folder, "diffusers folder")
-    model, ckpt = build_from_checkpoint(checkpoint, which=which)
-    cfg = ckpt.model_config
-    if model.arch.is_moe:
-        raise ConvertError(f"{ckpt.path}: {cfg.name} is an MoE model; diffusers' DiTTransformer2DModel has one dense "
-                           "GELU MLP per block, so only dense models export")
-    if cfg.class_dropout_prob <= 0:
-        raise ConvertError(f"{ckpt.path}: trained without label dropout (no null class row); diffusers' DiT always has one")
-    if cfg.timestep_freq_shift != 1:
-        print(f"warning: {cfg.name} uses DiT's timestep frequencies (model.timestep_freq_shift=0); diffusers hard-codes "
-              "downscale_freq_shift=1, so the exported model computes a slightly different function", file=sys.stderr)
-    state, config = dit_moe_to_diffusers(model.state_dict(), cfg)
-    transformer = DiTTransformer2DModel(**config)
-    transformer.load_state_dict(state, strict=True)
-    info = ckpt.data_info or {}
-    vae = vae or info.get("vae")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        if transformer_only or vae is None:
-            transformer.save_pretrained(tmp / "transformer")
-        else:
-            try:
-                autoencoder = AutoencoderKL.from_pretrained(vae)
-            except (OSError, ValueError) as e:
-                raise ConvertError(f"cannot load the VAE {vae!r} for the pipeline ({_one_line(e)}); pass --vae DIR "
-                                   "(a local AutoencoderKL) or --transformer-only") from None
-            scheduler = DDIMScheduler(**DIT_SCHEDULE, clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=True)
-            DiTPipeline(transformer=transformer, vae=autoencoder, scheduler=scheduler).save_pretrained(tmp)
-            index = json.loads((tmp / "model_index.json").read_text())
-            names = info.get("class_names") or [str(i) for i in range(cfg.num_classes)]
-            index["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 #                                            Command line
 # ---------------------------------------------------------------------------------------------------------
@@ -452,6 +388,7 @@ def run(args: argparse.Namespace) -> Path:
     if Path(args.out).resolve() == Path(args.source).resolve():
         raise ConvertError(f"--out {args.out} is the source itself")
     if args.to == "diffusers":
+        from .export import export_diffusers
         out = export_diffusers(args.source, args.out, which=args.weights, vae=args.vae,
                                transformer_only=args.transformer_only, overwrite=args.overwrite)
         print(f"wrote {out} (diffusers: DiTTransformer2DModel.from_pretrained('{out}', subfolder='transformer')"

@@ -20,7 +20,6 @@ import math
 import re
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .config import ConfigError, ModelConfig, RoutingConfig
@@ -267,9 +266,3 @@ def module_from_state(cfg: ModelConfig, state: dict, routing: Optional[RoutingCo
         model = build_model(cfg, routing)
     model.load_state_dict(state, strict=True, assign=True)
     return model
-
-
-def pos_embed_table(hidden: int, input_size: int, patch: int) -> torch.Tensor:
-    """DiT's stored (1, T, D) pos_embed for this geometry (what a DiT-layout file carries)."""
-    grid = input_size // patch
-    return torch.from_numpy(np.asarray(get_2d_sincos_pos_embed(hidden, grid))).float().unsqueeze(0)
