@@ -106,7 +106,7 @@ def read_source(src: str | os.PathLike, *, convention: Optional[str] = None, vae
             return _read_diffusers(*_load_local_diffusers(path), str(path), convention, vae, input_size)
         raise ConvertError(f"{path}: not a dit-moe checkpoint, a diffusers DiT folder (model_index.json or "
                            "transformer config.json) or a weights file")
-    if _HUB_ID.match(str(src)) and not str(src).startswith((".", "/")):
+    if _HUB_ID.match(str(src)):
         return _read_diffusers(*_load_hub_diffusers(str(src)), str(src), convention, vae, input_size)
     raise ConvertError(f"{src}: no such file or folder (nor a Hugging Face hub id like facebook/DiT-XL-2-256)")
 
@@ -189,15 +189,18 @@ def _read_weights_file(path: Path, convention, vae, input_size) -> Imported:
     args = dict(vars(args)) if isinstance(args, argparse.Namespace) else None
     if args:
         _check_args(args, cfg, where)
-    states = {tag: dit_to_dit_moe(sd, where) for tag, sd in (("model", model), ("ema", ema)) if sd is not None}
+    states = {tag: dit_to_dit_moe(sd) for tag, sd in (("model", model), ("ema", ema)) if sd is not None}
     for tag, sd in states.items():
         check_state(sd, cfg, f"{where} ({tag})")
     if vae is None and cfg.in_channels == 4:
         vae = f"stabilityai/sd-vae-ft-{args['vae']}" if args and args.get("vae") in ("ema", "mse") else DEFAULT_VAE
     single = len(states) == 1
+    wrapped = isinstance(obj, dict) and ("model" in obj or "ema" in obj)
+    origin = ("'ema' entry" if model is None else "'model' entry") if wrapped else \
+        "state dict (DiT's published files hold EMA weights)"
     meta = {"converted_from": str(path.resolve()), "source_format": "facebookresearch/DiT",
-            "weights": (f"the file's single state dict ({'its ema' if ema is not None else 'DiT publishes EMA weights'}) "
-                        "as model.safetensors; EMA readers fall back to it") if single else "model and ema from the file",
+            "weights": f"the file's {origin} as model.safetensors (no ema.safetensors: EMA readers fall back to it)"
+            if single else "model and ema from the file's 'model' and 'ema' entries",
             "dropped": sorted(k for k in extra if k != "args"), **({"dit_args": _plain(args)} if args else {})}
     return Imported(str(path), "dit", cfg, states.get("model", states.get("ema")), None if single else states["ema"],
                     dit_experiment(cfg), _data_info(cfg, vae, None, str(path.resolve())), meta=meta)
@@ -248,7 +251,7 @@ def _load_hub_diffusers(repo_id: str):
         why = " (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else f" [{one_line(e)}]"
         raise ConvertError(
             f"{repo_id}: not a local path, and its transformer is neither on the Hugging Face hub{why} nor in the "
-            f"cache {constants.HF_HUB_CACHE}; on a machine with internet run `huggingface-cli download {repo_id} "
+            f"cache {constants.HF_HUB_CACHE}; on a machine with internet run `hf download {repo_id} "
             "--local-dir DIR`, copy DIR here and convert DIR (or copy that machine's hub cache there)") from None
     found = try_to_load_from_cache(repo_id, "transformer/config.json")
     snapshot = Path(found).parent.parent if isinstance(found, str) else None
@@ -327,6 +330,8 @@ def _vae_geometry(vae: str, channels: int) -> tuple[float, float, int]:
 
 def _data_info(cfg: ModelConfig, vae: Optional[str], names: Optional[list], source: str) -> dict:
     from .data import DataInfo
+    if vae is not None and Path(vae).is_dir():
+        vae = str(Path(vae).resolve())          # a local folder: recorded absolute, so any working directory finds it
     if names is None:
         names = imagenet_class_names() if cfg.num_classes == 1000 else [str(i) for i in range(cfg.num_classes)]
     scaling, shift, factor = _vae_geometry(vae, cfg.in_channels) if vae else (1.0, 0.0, 1)

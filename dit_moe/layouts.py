@@ -127,7 +127,7 @@ def _input_size_from_pos_embed(state: dict, hidden: int, patch: int, where: str)
     return grid * patch
 
 
-def dit_to_dit_moe(state: dict, where: str) -> dict:
+def dit_to_dit_moe(state: dict) -> dict:
     """DiT layout -> dit-moe: the same names, without the fixed pos_embed; floats as fp32."""
     return {k: _fp32(v) for k, v in state.items() if k != "pos_embed"}
 

@@ -169,8 +169,25 @@ def test_hub_id_offline_without_cache_says_where_to_put_files(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("convert: error: facebook/DiT-XL-2-256: not a local path")
-    assert "huggingface-cli download facebook/DiT-XL-2-256 --local-dir DIR" in lines[0]
+    assert "hf download facebook/DiT-XL-2-256 --local-dir DIR" in lines[0]
     assert str(tmp_path / "hf") in lines[0]
+
+
+def test_hub_id_from_the_offline_cache(tmp_path):
+    """A hub id resolves from a populated Hugging Face cache with HF_HUB_OFFLINE=1 (the layout `hf download` makes),
+    and the checkpoint records the cached pipeline's own VAE."""
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--tiny-dit" / "snapshots" / ("0" * 40)
+    save_pipeline(tiny_diffusers(num_classes=1000), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": os.getcwd()}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-m", "dit_moe.convert", "someone/tiny-dit", "--out", str(tmp_path / "ckpt")],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.model_config.name == "DiT-T/2" and ckpt.meta["converted_from"] == "someone/tiny-dit"
+    assert ckpt.data_info["vae"] == str((snapshot / "vae").resolve())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,6 +214,15 @@ def test_dit_pt_plain_and_ema_wrapped_match_dit(tmp_path, dit_reference):
         assert ckpt.data_info["vae"] == "stabilityai/sd-vae-ft-ema"
         assert not (ckpt.path / "ema.safetensors").exists()                 # one set of weights, EMA falls back
         assert max_diff_to_diffusers(tmp_path / name, d, "ema") <= TOL
+
+
+def test_local_vae_is_recorded_with_its_geometry(tmp_path, monkeypatch, dit_reference):
+    tiny_vae().save_pretrained(tmp_path / "my-vae")
+    torch.save(dit_reference[1], tmp_path / "m.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["m.pt", "--vae", "my-vae", "--out", "ckpt"]) == 0
+    info = load_checkpoint(tmp_path / "ckpt").data_info
+    assert info["vae"] == str((tmp_path / "my-vae").resolve()) and info["image_size"] == 16   # 2x down-sampling
 
 
 def test_dit_training_checkpoint_keeps_model_and_ema_and_reads_args(tmp_path, dit_reference):
