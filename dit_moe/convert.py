@@ -373,7 +373,7 @@ def save_imported(imp: Imported, out: str | os.PathLike, *, overwrite: bool = Fa
 # ---------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit_moe.convert", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m dit_moe.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="DiT .pt/.safetensors file, diffusers DiT folder or hub id; with --to diffusers a "
                    "dit-moe checkpoint (or run folder)")
