@@ -15,7 +15,7 @@ only GELU experts can hold (SwiGLU experts are refused). With expert width h = m
     With combine weights w summing to 1 the layer computes  y = P * sum_g W_g * MLP_g(x) + b2,  W_g = the summed
     weight of the active experts holding block g, MLP_g = that block's share of fc2(gelu(fc1 x)) without bias. So
     it is exactly the dense MLP iff every W_g = 1/P, and an unbiased estimate of it when the active experts are a
-    uniformly random subset. (P = 1 is the copy case: any weights summing to 1 are exact.)
+    uniformly random subset with equal weights. (P = 1 is the copy case: any weights summing to 1 are exact.)
 Noise (--noise s): each expert's w_in and w_out get s * std(that tensor) * N(0, 1), from a generator seeded by
 --seed in a fixed order (block, tensor, expert); the model and the EMA copy get the same draws.
 

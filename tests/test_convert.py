@@ -203,12 +203,15 @@ def dit_reference():
     return d, state, ema
 
 
-def test_dit_pt_plain_and_ema_wrapped_match_dit(tmp_path, dit_reference):
+def test_dit_files_plain_ema_wrapped_and_safetensors_match_dit(tmp_path, dit_reference):
     d, state, _ = dit_reference
+    from safetensors.torch import save_file
+
     torch.save(state, tmp_path / "plain.pt")
     torch.save({"ema": state}, tmp_path / "wrapped.pt")
-    for name in ("plain", "wrapped"):
-        assert main([str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / name)]) == 0
+    save_file(state, str(tmp_path / "st.safetensors"))
+    for name, file in (("plain", "plain.pt"), ("wrapped", "wrapped.pt"), ("st", "st.safetensors")):
+        assert main([str(tmp_path / file), "--out", str(tmp_path / name)]) == 0
         ckpt = load_checkpoint(tmp_path / name)
         assert (ckpt.model_config.timestep_freq_shift, ckpt.model_config.mlp_norm_eps) == (0, 1e-6)
         assert ckpt.data_info["vae"] == "stabilityai/sd-vae-ft-ema"
