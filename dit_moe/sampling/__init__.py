@@ -9,7 +9,7 @@ One file per job:
     bulk.py       N samples to a folder + ADM npz, resumable across processes; metrics of the folder (``generate``)
     experts.py    activated experts per token while sampling (MoE models)
     calibrate.py  DTop-p: the threshold that makes sampling activate K experts per token
-    trace.py      router decisions along a trajectory (``dit_moe.analyze``, the routing study)
+    trace.py      router decisions along a trajectory (``dit_moe.analyze``) or on fixed probe inputs (the study)
     flags.py      the sampling command-line flags, shared by sample.py, analyze and the demo
     cli.py        ``python sample.py``
 
@@ -35,7 +35,7 @@ _EXPORTS = {
     "bulk": ("SingleProcess", "existing_indices", "write_npz", "read_samples", "sample_to_folder", "Evaluation",
              "evaluate_samples", "sample_accuracy", "generate", "IMAGE_DIR", "NPZ_FILE", "INFO_FILE", "STATS_DIR",
              "METRICS_FILE"),
-    "trace": ("RoutingRecorder", "trace_routing"),
+    "trace": ("RoutingRecorder", "trace_routing", "probe_inputs", "probe_routing", "calibrate_topp_threshold"),
     "flags": ("FLAGS", "add_checkpoint_arguments", "add_sampler_arguments", "add_class_arguments", "flag_overrides",
               "settings_from_args"),
     "cli": ("build_parser", "run", "main"),

@@ -1,9 +1,10 @@
-"""Routing decisions along a sampling trajectory: router hooks that keep every call's decisions, and the trace.
+"""Routing decisions, recorded: along a sampling trajectory, or on fixed noisy training inputs.
 
 ``RoutingRecorder`` keeps, for every router call of every MoE layer, the experts of each token and the expert
-loads; ``trace_routing`` samples a bundle's labels with it attached and returns dense arrays indexed by
-(model call, layer, CFG half, image, token) -- what ``dit_moe.analyze`` turns into numbers and plots, and what the
-routing study's probe reads.
+loads. ``trace_routing`` samples a bundle's labels with it attached and returns dense arrays indexed by
+(model call, layer, CFG half, image, token) -- what ``dit_moe.analyze`` turns into numbers and plots.
+``probe_inputs`` / ``probe_routing`` measure a model on fixed noisy training inputs (the routing study's probe), and
+``calibrate_topp_threshold`` bisects a fixed Top-p threshold on them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from .solvers import num_model_calls
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AnalysisError", "RoutingRecorder", "trace_routing"]
+    from ..config import ExperimentConfig
+
+__all__ = ["AnalysisError", "RoutingRecorder", "trace_routing", "probe_inputs", "probe_routing",
+           "calibrate_topp_threshold"]
 
 
 def _moe_blocks(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
@@ -163,3 +167,85 @@ def trace_routing(bundle, recorder: RoutingRecorder, labels: "torch.Tensor", set
                     counts[step, l] += c
     return {"active": active, "counts": counts, "timesteps": timesteps, "guided": guided,
             "latents": torch.cat(latents), "grid": (shape[1] // model.patch_size, shape[2] // model.patch_size)}
+
+
+def probe_inputs(cfg: "ExperimentConfig", num_batches: int, batch_size: int, seed: int = 1234):
+    """Fixed noisy training inputs [(x_t (B, C, H, W), t (B,), y (B,))]: the same for every arm and seed."""
+    import torch
+
+    from ..data import build_dataset
+    from ..diffusion import build_objective
+
+    dataset, _ = build_dataset(cfg.data.source, cfg.data.path, flip=False)
+    objective = build_objective(cfg, learn_sigma=cfg.model.learn_sigma)   # the arm's objective: ddpm or flow inputs
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_batches):
+        idx = torch.randint(0, len(dataset), (batch_size,), generator=g).tolist()
+        items = [dataset[i] for i in idx]
+        x0 = torch.stack([x for x, _ in items]).float()
+        y = torch.stack([torch.as_tensor(y) for _, y in items]).long()
+        x_t, t, _ = objective.draw(x0, generator=g)
+        out.append((x_t, t, y))
+    return out
+
+
+def probe_routing(model, inputs) -> dict:
+    """Activated experts per (token, layer) of ``model`` on ``inputs`` (eval mode, no CFG): mean, std, per layer.
+
+    The per-token standard deviation is over all (token, layer) pairs, as ``dit_moe.analyze`` reports it for
+    the sampling trajectory.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    recorder = RoutingRecorder(model)
+    try:
+        with torch.no_grad(), recorder:
+            for x, t, y in inputs:
+                model(x.to(device), t.to(device), y.to(device))
+    finally:
+        model.train(was_training)
+    per_layer = [torch.cat([c[1] for c in calls]).to(torch.float64) for calls in recorder.calls]
+    allv = torch.cat(per_layer)
+    return {"mean": float(allv.mean()), "std": float(allv.std(unbiased=False)),
+            "per_layer": [float(v.mean()) for v in per_layer], "tokens": int(allv.numel())}
+
+
+def calibrate_topp_threshold(model, inputs, target: float, iters: int = 30, tol: float = 1e-3) -> dict:
+    """Bisect one global top-p threshold (set on every Top-p router) so that ``inputs`` activate ``target`` experts.
+
+    Activated experts grow with p (a token keeps experts while the mass before them is below p), so bisection on
+    [1e-4, 1] converges. Returns {threshold, measured, per_layer, std}.
+    """
+    from ..models.routers.topp import TopPRouter
+
+    routers = [m for m in model.modules() if isinstance(m, TopPRouter)]
+    if not routers:
+        raise AnalysisError("calibration needs a model with fixed Top-p routers (routing.type=topp)")
+    original = [r.threshold for r in routers]
+
+    def measure(p: float) -> dict:
+        for r in routers:
+            r.threshold = p
+        return probe_routing(model, inputs)
+
+    try:
+        lo, hi = 1e-4, 1.0
+        best = None
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            m = measure(mid)
+            if best is None or abs(m["mean"] - target) < abs(best[1]["mean"] - target):
+                best = (mid, m)
+            if abs(m["mean"] - target) <= tol:
+                break
+            lo, hi = (mid, hi) if m["mean"] < target else (lo, mid)
+    finally:
+        for r, p in zip(routers, original):
+            r.threshold = p
+    p, m = best
+    return {"threshold": round(p, 6), "measured": m["mean"], "std": m["std"], "per_layer": m["per_layer"],
+            "target": target}
