@@ -11,10 +11,11 @@ Time convention -- the one place it is defined; every module of dit_moe uses it:
 * What the **network** is conditioned on: ddpm the integer k, flow 1000 t (a float), so DiT's sinusoidal timestep
   embedding sees the range 0 .. 1000 under both objectives (diffusers' FlowMatch schedulers pass the same value).
 
-Guidance intervals (``sample.guidance_interval``, ``--guidance-interval LO HI``) and activated-expert timestep
-buckets are expressed on this scale of t. Why t and not k or sigma: t is bounded and means the same amount of noise
-for both objectives, and the interval values REPA and LightningDiT publish for flow models (e.g. guidance for
-t <= 0.7) carry over unchanged; a DDPM interval in EDM's sigma (Kynkaanniemi et al.) converts by t = sigma / (1 + sigma).
+Guidance intervals (``sample.guidance_interval``, ``--guidance-interval LO HI``) are expressed on this scale of t
+(activated-expert buckets use the network timestep, 0 .. 1000 under both objectives). Why t and
+not k or sigma: t is bounded and means the same amount of noise for both objectives, and the interval values REPA
+and LightningDiT publish for flow models (e.g. guidance for t <= 0.7) carry over unchanged; an interval in EDM's
+sigma (Kynkaanniemi et al.) converts by t = sigma / (1 + sigma).
 
 The interface (SiT's ``transport`` style: built once from the config by ``build_objective``, then plain calls)::
 

@@ -408,5 +408,5 @@ class DDPMObjective:
         return self._levels[idx]
 
     def describe(self) -> str:
-        return (f"objective ddpm: epsilon prediction{' + learned variance (hybrid loss mse + vb)' if self.learn_sigma else ' (mse)'}, "
-                f"linear betas 1e-4..0.02, T = {self.num_train_timesteps}")
+        loss = " + learned variance (hybrid loss mse + vb)" if self.learn_sigma else " (mse)"
+        return f"objective ddpm: epsilon prediction{loss}, linear betas 1e-4..0.02, T = {self.num_train_timesteps}"

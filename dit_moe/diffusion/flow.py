@@ -60,7 +60,8 @@ class RectifiedFlow:
             raise ValueError(f"RectifiedFlow: t_sampling={t_sampling!r} is not one of {T_SAMPLING}")
         if not t_std > 0 or not time_shift > 0:
             raise ValueError(f"RectifiedFlow: t_std={t_std} and time_shift={time_shift} must be > 0")
-        self.t_sampling, self.t_mean, self.t_std, self.time_shift = t_sampling, float(t_mean), float(t_std), float(time_shift)
+        self.t_sampling, self.t_mean, self.t_std = t_sampling, float(t_mean), float(t_std)
+        self.time_shift = float(time_shift)
 
     # ------------------------------------------------------------------ time
 

@@ -283,7 +283,7 @@ class Evaluation:
 
 
 def sample_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of uint8 (N, H, W, 3) digit images that the digits classifier labels as the class they were drawn for."""
+    """Share of uint8 (N, H, W, 3) digit images that the digits classifier labels as the class they were drawn for."""
     from ..features import digits_classifier
 
     grey = torch.from_numpy(np.asarray(images)).float().mean(dim=-1).unsqueeze(1) / 127.5 - 1.0   # (N, 1, H, W)
@@ -328,7 +328,8 @@ def generate(bundle, out_dir: str | Path, settings: Optional[SampleConfig] = Non
     summary = sample_to_folder(
         bundle.model, out_dir, settings=settings, num_samples=num_samples, num_classes=bundle.num_classes,
         shape=bundle.shape, decode=bundle.decode, seed=settings.seed, labels=labels, batch_size=settings.batch_size,
-        state=state, run_info={**bundle.run_info(), **(run_info or {})}, extra=extra, progress=progress, objective=bundle.objective)
+        state=state, run_info={**bundle.run_info(), **(run_info or {})}, extra=extra, progress=progress,
+        objective=bundle.objective)
     if evaluation is not None and (state is None or state.is_main_process):
         result = evaluate_samples(out_dir, evaluation, summary, bundle.device)
         summary["metrics"] = result["metrics"]

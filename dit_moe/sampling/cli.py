@@ -109,15 +109,17 @@ def run(args: argparse.Namespace) -> dict:
 
     evaluation = None
     if args.fid:
-        evaluation = Evaluation(reference=args.fid, metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
-                                extractor=args.extractor, inception_weights=args.inception_weights)
+        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+        evaluation = Evaluation(reference=args.fid, metrics=metrics, extractor=args.extractor,
+                                inception_weights=args.inception_weights)
     summary = generate(bundle, args.out, settings, num_samples=args.num_samples, labels=args.labels, state=state,
                        progress=not args.no_progress, evaluation=evaluation,
                        run_info={"target_experts": args.target_experts},
                        extra={"calibration": calibration} if calibration else None)
     if state.is_main_process:
         print(f"wrote {args.num_samples} samples to {args.out} ({summary['generated_this_run']} new, "
-              f"{summary['images_per_second']} images/s over {summary['processes']} process(es); {_describe(settings)})")
+              f"{summary['images_per_second']} images/s over {summary['processes']} process(es); "
+              f"{_describe(settings)})")
         if summary.get("active_experts"):
             print(format_active(summary["active_experts"]))
         if evaluation is not None:
