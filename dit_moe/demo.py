@@ -37,11 +37,13 @@ def reference_digits(path: Path) -> Path:
 
 
 def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, num_samples: int = 1000,
-             sampling_overrides: dict | None = None, device: str | None = None) -> dict:
+             sampling_overrides: dict | None = None, device: str | None = None, weights: str = "ema",
+             vae: str | None = None) -> dict:
     """The four stages; returns what the demo prints (also written to ``demo.json`` in the run folder).
 
     ``sampling_overrides``: SampleConfig fields (sampler, steps, cfg_scale, guidance_interval, ...) applied on top
-    of the trained checkpoint's sample section, for the grid, the FID samples and the analysis alike.
+    of the trained checkpoint's sample section, for the grid, the FID samples and the analysis alike; ``weights``
+    and ``vae`` as in ``dit_moe.inference.load``.
     """
     from . import analyze, inference, sampling
     from .config import load_config
@@ -59,7 +61,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
     run_dir = train(cfg, resume="latest")   # continues an interrupted demo; a finished one returns at once
     timings["train_s"] = round(time.time() - t0, 1)
 
-    bundle = inference.load(run_dir, device=device)
+    bundle = inference.load(run_dir, weights=weights, device=device, vae=vae)
     settings = sampling.resolve_settings(dataclasses.replace(bundle.defaults, **(sampling_overrides or {})),
                                          bundle.objective, bundle.shape[0], name=lambda f: sampling.FLAGS.get(f, f))
     print(f"[2/4] sampling a labelled grid with the EMA weights ({settings.sampler} {settings.steps} steps, "
@@ -72,14 +74,15 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
     t0 = time.time()
     reference = reference_digits(run_dir / "reference" / "digits.npz")
     samples_dir = run_dir / "samples"
+    bulk = settings if "batch_size" in (sampling_overrides or {}) else dataclasses.replace(settings, batch_size=250)
     summary = sampling.generate(
-        bundle, samples_dir, dataclasses.replace(settings, batch_size=250), num_samples=num_samples, progress=False,
+        bundle, samples_dir, bulk, num_samples=num_samples, progress=False,
         evaluation=sampling.Evaluation(reference=str(reference), extractor="digits-cnn", classifier_accuracy=True))
     timings["sample_eval_s"] = round(time.time() - t0, 1)
 
     print("[4/4] routing analysis and training curves")
     t0 = time.time()
-    analysis = analyze.analyze_checkpoint(run_dir, device=device, sampler=settings.sampler,
+    analysis = analyze.analyze_checkpoint(run_dir, device=device, which=weights, vae=vae, sampler=settings.sampler,
                                           cfg_scale=settings.cfg_scale, guidance_interval=settings.guidance_interval,
                                           time_shift=settings.time_shift)
     curves = analyze.plot_training_curves(run_dir)
@@ -104,12 +107,12 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
 
 
 def main(argv=None) -> int:
-    from .sampling.flags import add_sampler_arguments, flag_overrides
+    from .sampling.flags import add_checkpoint_arguments, add_sampler_arguments, flag_overrides
 
     parser = argparse.ArgumentParser(prog="python -m dit_moe.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--num-samples", type=int, default=1000, help="samples for the FID and the accuracy")
-    parser.add_argument("--device", help="torch device (default: cuda when available)")
+    add_checkpoint_arguments(parser)
     add_sampler_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
     from .training import TrainingError
 
     try:
-        r = run_demo(args.config, args.overrides, args.num_samples, flag_overrides(args), args.device)
+        r = run_demo(args.config, args.overrides, args.num_samples, flag_overrides(args), args.device, args.weights,
+                     args.vae)
     except (ConfigError, CheckpointError, TrainingError, RuntimeError, ValueError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
