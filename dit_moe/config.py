@@ -1,14 +1,17 @@
 """Typed, validated experiment configuration.
 
-An experiment is five sections of plain data -- model, routing, data, train, sample -- read from YAML and
-overridden from the command line with dotted keys (``train.lr=2e-4``). Every key is checked against the
+An experiment is six sections of plain data -- model, routing, data, train, sample, diffusion -- read from YAML
+and overridden from the command line with dotted keys (``train.lr=2e-4``). Every key is checked against the
 dataclass fields: an unknown key or a value of the wrong type is a ``ConfigError`` that names the key and
-lists the valid ones, so a typo never silently falls back to a default.
+lists the valid ones, so a typo never silently falls back to a default. Ranges and rules between sections
+(a flow model has no learned sigma; a sampler must belong to the objective) are checked once, in
+``check_experiment``, whenever an ``ExperimentConfig`` is built from data.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,15 +110,47 @@ class TrainConfig:
     init_from: Optional[str] = None  # a fresh run (new optimizer, step 0) from this checkpoint's weights (not --resume)
 
 
+# Samplers of each objective (dit_moe/sampling/solvers.py) and their default number of steps. The first one listed is
+# the objective's default sampler.
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm"), "flow": ("euler", "heun", "sde")}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm": 25, "euler": 50, "heun": 25, "sde": 100}
+ALL_SAMPLERS = tuple(s for group in SAMPLERS.values() for s in group)
+
+
 @dataclass
 class SampleConfig:
-    sampler: str = "ddpm"            # ddpm | ddim | dpm
-    steps: int = 250
+    """How to sample: the checkpoint's defaults, and (with flags or keyword overrides) one sampling run.
+
+    ``None`` fields are resolved against the objective by ``dit_moe.sampling.resolve_settings``: sampler -> the
+    objective's default (ddpm: ddpm, flow: euler), steps -> the sampler's default (``DEFAULT_STEPS``), time_shift ->
+    ``diffusion.time_shift`` (flow samplers only). ``guidance_interval`` (lo, hi) applies guidance only at noise
+    levels lo <= t <= hi, t in [0, 1] as defined in dit_moe/diffusion/__init__.py (None: every step).
+    """
+    sampler: Optional[str] = None             # ddpm | ddim | dpm (objective ddpm); euler | heun | sde (objective flow)
+    steps: Optional[int] = None
     cfg_scale: float = 1.5
     guidance_channels: Optional[int] = None   # None: all latent channels; 3: DiT's legacy behaviour
+    clip_denoised: bool = False               # DDPM samplers: clamp the predicted x0 to [-1, 1] (pixel data)
+    guidance_interval: Optional[tuple[float, float]] = None
+    time_shift: Optional[float] = None        # flow samplers: t' = s t / (1 + (s - 1) t) of the time grid
     num_per_class: int = 8
     seed: int = 0
     batch_size: int = 64
+
+
+@dataclass
+class DiffusionConfig:
+    """The training objective (time convention and formulas: dit_moe/diffusion/__init__.py).
+
+    ddpm: DiT's epsilon prediction with the learned-variance hybrid loss (linear betas, T = 1000).
+    flow: rectified flow, x_t = (1 - t) x0 + t eps, velocity target eps - x0, MSE loss; t ~ uniform or
+    logit-normal (sigmoid of N(t_mean, t_std^2)), then shifted by time_shift (1.0 = no shift).
+    """
+    objective: str = "ddpm"           # ddpm | flow
+    t_sampling: str = "uniform"       # flow: uniform | logit_normal
+    t_mean: float = 0.0               # flow, logit_normal
+    t_std: float = 1.0                # flow, logit_normal
+    time_shift: float = 1.0           # flow: shift of the training t and of the default sampling grid
 
 
 @dataclass
@@ -125,13 +160,16 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)   # absent in old checkpoints: ddpm
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "ExperimentConfig":
-        return from_dict(cls, d, where)
+        cfg = from_dict(cls, d, where)
+        check_experiment(cfg)
+        return cfg
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -151,8 +189,76 @@ CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.tracker": ("tensorboard", "wandb", None),
-    "sample.sampler": ("ddpm", "ddim", "dpm"),
+    "sample.sampler": ALL_SAMPLERS + (None,),
+    "diffusion.objective": tuple(SAMPLERS),
+    "diffusion.t_sampling": ("uniform", "logit_normal"),
 }
+
+
+def sample_problems(s: SampleConfig, objective: str, in_channels: Optional[int] = None,
+                    name=lambda field: field) -> list[str]:
+    """What is wrong with sampling settings ``s`` for a model of ``objective``: one line per problem, each starting
+    with ``name(field)`` (``sample.steps`` in a config file, ``--steps`` on the command line)."""
+    problems = []
+    if s.sampler is not None:
+        if s.sampler not in ALL_SAMPLERS:
+            problems.append(f"{name('sampler')}: {s.sampler!r} is not one of {ALL_SAMPLERS}")
+        elif s.sampler not in SAMPLERS[objective]:
+            problems.append(f"{name('sampler')}: {s.sampler!r} is a "
+                            f"{'flow' if objective == 'ddpm' else 'DDPM'} sampler; a model trained with diffusion."
+                            f"objective={objective} samples with {' | '.join(SAMPLERS[objective])}")
+    if s.steps is not None and not 1 <= s.steps <= 1000:
+        problems.append(f"{name('steps')}: steps={s.steps} must be in [1, 1000]")
+    if not (math.isfinite(s.cfg_scale) and s.cfg_scale >= 0):
+        problems.append(f"{name('cfg_scale')}: cfg_scale={s.cfg_scale} must be a finite number >= 0 (1 = no guidance)")
+    if s.guidance_channels is not None and (s.guidance_channels < 1 or (in_channels is not None
+                                                                       and s.guidance_channels > in_channels)):
+        problems.append(f"{name('guidance_channels')}: guidance_channels={s.guidance_channels} must be in "
+                        f"[1, {in_channels if in_channels is not None else 'C'}] (or None = all)")
+    if s.guidance_interval is not None:
+        lo, hi = s.guidance_interval
+        if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
+            problems.append(f"{name('guidance_interval')}: ({lo}, {hi}) must lie in [0, 1] (noise level t: 0 = data, "
+                            "1 = pure noise)")
+        elif lo > hi:
+            problems.append(f"{name('guidance_interval')}: LO={lo} > HI={hi}; give the interval as LO HI with LO <= HI")
+    if s.time_shift is not None:
+        if not (math.isfinite(s.time_shift) and s.time_shift > 0):
+            problems.append(f"{name('time_shift')}: time_shift={s.time_shift} must be a finite number > 0 (1 = none)")
+        elif objective != "flow":
+            problems.append(f"{name('time_shift')}: the time shift applies to flow samplers; this model was trained "
+                            f"with diffusion.objective={objective}")
+    if s.clip_denoised and objective != "ddpm":
+        problems.append(f"{name('clip_denoised')}: clipping the predicted x0 is a DDPM-sampler option; this model "
+                        f"was trained with diffusion.objective={objective}")
+    for key in ("num_per_class", "batch_size"):
+        if getattr(s, key) < 1:
+            problems.append(f"{name(key)}: {key}={getattr(s, key)} must be >= 1")
+    if s.seed < 0:
+        problems.append(f"{name('seed')}: seed={s.seed} must be >= 0")
+    return problems
+
+
+def check_experiment(cfg: "ExperimentConfig") -> None:
+    """The rules between sections and the ranges of the diffusion and sample sections; ConfigError on the first."""
+    d = cfg.diffusion
+    problems = []
+    if d.objective == "flow" and cfg.model.learn_sigma:
+        problems.append("diffusion.objective=flow needs model.learn_sigma=false (a flow model predicts a velocity "
+                        "with C output channels; there is no variance to learn)")
+    if not (math.isfinite(d.time_shift) and d.time_shift > 0):
+        problems.append(f"diffusion.time_shift={d.time_shift} must be a finite number > 0 (1 = no shift)")
+    if not (math.isfinite(d.t_std) and d.t_std > 0) or not math.isfinite(d.t_mean):
+        problems.append(f"diffusion.t_mean={d.t_mean} must be finite and diffusion.t_std={d.t_std} > 0")
+    if d.objective != "flow":
+        flow_only = [f"diffusion.{k}={getattr(d, k)!r}" for k, v in (("t_sampling", "uniform"), ("t_mean", 0.0),
+                     ("t_std", 1.0), ("time_shift", 1.0)) if getattr(d, k) != v]
+        if flow_only:
+            problems.append(f"{', '.join(flow_only)} only apply to diffusion.objective=flow "
+                            f"(the objective is {d.objective})")
+    problems += sample_problems(cfg.sample, d.objective, cfg.model.in_channels, name=lambda f: f"sample.{f}")
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _to_plain(x):

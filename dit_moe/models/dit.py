@@ -252,11 +252,13 @@ class DiT(nn.Module):
         return self.unpatchify(x)
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float, guidance_channels: Optional[int] = None):
-        """Classifier-free guidance: eps = eps_null + s * (eps_cond - eps_null), in ONE batched forward.
+        """Classifier-free guidance: out = out_null + s * (out_cond - out_null), in ONE batched forward.
 
-        Guidance applies to all latent channels by default. ``guidance_channels=3`` reproduces DiT's legacy
-        sampler (guidance on the first three of four channels, a GLIDE leftover) for parity with published numbers.
-        Channels not guided, and the learned-variance channels, take the conditional prediction.
+        The same combination for an epsilon (DDPM) and a velocity (flow) prediction. Guidance applies to all latent
+        channels by default. ``guidance_channels=3`` reproduces DiT's legacy sampler (guidance on the first three of
+        four channels, a GLIDE leftover) for parity with published numbers. Channels not guided, and the
+        learned-variance channels, take the conditional prediction. ``cfg_scale == 1`` runs the conditional half
+        only; the sampling loop (dit_moe/sampling/loop.py) passes 1 outside the guidance interval.
         """
         if cfg_scale == 1.0:
             return self.forward(x, t, y)
