@@ -110,6 +110,7 @@ class RunLock:
                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?",
                      "token": self.token}
         self.held = False
+        self.notes: list[str] = []   # what acquire() did, for the run's log (which opens after the lock)
 
     def holder(self) -> Optional[dict]:
         text = _read(self.path)
@@ -178,7 +179,7 @@ class RunLock:
             except FileExistsError:
                 pass
         else:
-            logger.warning(f"removed the stale lock of {_describe(holder)}: that process is gone")
+            self.notes.append(f"removed the stale lock of {_describe(holder)}: that process is gone")
         grave.unlink(missing_ok=True)
 
     def verify(self) -> None:
@@ -228,8 +229,9 @@ class RunFolder:
 
     def _take(self) -> str:
         try:
-            (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(self.dir).acquire()
+            (self.dir / "checkpoints").mkdir(exist_ok=True)
         except OSError as e:
             raise TrainingError(f"cannot create the run folder {self.dir} or its lock: {e}") from e
         return self.lock.token
@@ -238,6 +240,8 @@ class RunFolder:
         self.token = on_main(self.accelerator, self._take)
         try:
             self._setup_logging()
+            for note in self.lock.notes if self.lock is not None else []:
+                logger.warning(note)
         except BaseException:
             self.__exit__()
             raise
