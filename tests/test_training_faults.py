@@ -403,3 +403,13 @@ def test_nan_in_the_data_is_reported_as_a_data_problem(tmp_path):
     with pytest.raises(DataError, match=r"holds NaN or inf values.*shard-r00-00001.safetensors.*not the learning rate"):
         train(cfg)
     assert not list_checkpoints(tmp_path / "run")
+
+
+def test_unwritable_metrics_log_stops_with_one_clear_error(tmp_path):
+    """metrics.jsonl cannot be appended to (here: a folder is in the way; in life: a full disk)."""
+    from dit_moe.errors import TrainingError
+
+    (tmp_path / "run" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(TrainingError, match=r"cannot append to .*metrics.jsonl.*checkpoints written so far are intact"):
+        train(tiny(tmp_path, "run"))
+    assert complete(tmp_path / "run") == [] and not (tmp_path / "run" / "run.lock").exists()

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import DataError, TrainingDivergedError
+from ..errors import DataError, TrainingDivergedError, TrainingError
+from .stop import any_rank
 
 logger = logging.getLogger("dit_moe.train")
 
@@ -152,9 +153,17 @@ class Logbook:
                       seconds=now - self.t_start, num_processes=self.accelerator.num_processes)
         record.update(routing_metrics(raw_model))
         self.t_log, self.steps_at_log = now, step
+        failure = None
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:              # disk full: stop with a clear message, every rank at this step
+                failure = e
+        if any_rank(self.accelerator, failure is not None):
+            raise TrainingError(f"cannot append to {self.path}: {failure or 'failed on the main process'}; the "
+                                "checkpoints written so far are intact. Free disk space, then --resume latest")
+        if self.accelerator.is_main_process:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}",
                                       **({"experts": f"{record['active_experts']:.2f}"}
                                          if "active_experts" in record else {}))
