@@ -69,7 +69,7 @@ def choose_checkpoint(request: ResumeRequest) -> Optional[Path]:
         path = request.path
         for warning in validate_checkpoint(path):
             logger.warning(f"WARNING: {warning}")
-        newer = [p.name for p in found if p.parent == path.parent and step_of(p) > _step_or(path, -1)]
+        newer = [p.name for p in found if p.parent.resolve() == path.parent.resolve() and step_of(p) > _step_or(path, -1)]
         if newer:
             raise ConfigError(f"cannot resume {path}: the run folder holds newer checkpoints ({', '.join(newer)}), "
                               "which the next --resume latest would pick; move them out of "

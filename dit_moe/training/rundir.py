@@ -136,7 +136,8 @@ class RunLock:
                 if holder is None:
                     raise RunLockedError(f"run folder {self.path.parent} is locked ({self.path} is unreadable); "
                                          f"if no training uses this folder, delete {self.path}")
-                where = ("" if alive else f"; it ran on another machine, so if that run is dead, delete {self.path}")
+                where = ("" if alive else f"; it ran on another machine (or container), so if that run is dead, "
+                                          f"delete {self.path}")
                 raise RunLockedError(f"run folder {self.path.parent} is in use by {_describe(holder)}{where}")
             raise RunLockedError(f"run folder {self.path.parent}: could not take the lock {self.path} "
                                  "(other processes keep taking it)")
