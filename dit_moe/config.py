@@ -39,6 +39,9 @@ class ModelConfig:
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     grad_checkpointing: bool = False
+    # Numerical conventions of imported models (the defaults are the original DiT's; see dit_moe/convert.py).
+    timestep_freq_shift: int = 0      # timestep frequencies exp(-ln(1e4) i / (half - shift)); diffusers' DiT: 1
+    mlp_norm_eps: float = 1e-6        # eps of the LayerNorm before each block's MLP; diffusers' DiT: its norm_eps
     # MoE experts (ignored for dense names)
     expert_kind: str = "gelu"         # gelu (DiT's MLP) | swiglu (DiT-MoE's experts)
     expert_hidden_ratio: float = 4.0  # expert hidden width = ratio * hidden_size (fine-grained experts: lower it)
@@ -104,6 +107,7 @@ class TrainConfig:
     keep_last: int = 2
     sample_every: int = 0            # 0: only at the end
     tracker: Optional[str] = "tensorboard"   # tensorboard | wandb | None
+    init_from: Optional[str] = None  # a fresh run (new optimizer, step 0) from this checkpoint's weights (not --resume)
 
 
 @dataclass
@@ -142,6 +146,7 @@ class ExperimentConfig:
 
 CHOICES = {
     "model.expert_kind": ("gelu", "swiglu"),
+    "model.timestep_freq_shift": (0, 1),
     "routing.type": ("topk", "topp", "dtopp"),
     "routing.scope": ("global", "layer"),
     "routing.default_mode": ("grad_only", "forward"),
