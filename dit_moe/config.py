@@ -354,6 +354,8 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
     check("model.num_shared_experts", m.num_shared_experts >= 0, "must be >= 0")
     check("model.shared_hidden_ratio", m.shared_hidden_ratio > 0, "must be > 0")
     check("model.moe_every", m.moe_every >= 1, "must be >= 1")
+    if hasattr(m, "mlp_norm_eps"):
+        check("model.mlp_norm_eps", m.mlp_norm_eps > 0, "must be > 0")
     if arch is not None and arch.is_moe:
         check("model.moe_every", m.moe_every <= arch.depth, f"leaves no MoE block in the {arch.depth} blocks of {m.name}")
 

@@ -19,6 +19,7 @@ from dit_moe.checkpoint import CheckpointError, list_checkpoints, load_checkpoin
 from dit_moe.config import load_config, save_config
 from dit_moe.diffusion import GaussianDiffusion
 from dit_moe.errors import DataError, TrainingInterrupted
+from dit_moe.registry import build_model
 from dit_moe.training import checkpointing, train
 from dit_moe.training.checkpointing import is_intact
 
@@ -413,3 +414,40 @@ def test_unwritable_metrics_log_stops_with_one_clear_error(tmp_path):
     with pytest.raises(TrainingError, match=r"cannot append to .*metrics.jsonl.*checkpoints written so far are intact"):
         train(tiny(tmp_path, "run"))
     assert complete(tmp_path / "run") == [] and not (tmp_path / "run" / "run.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                              train.init_from
+# ---------------------------------------------------------------------------------------------------------
+
+def test_init_from_starts_fresh_runs_only(tmp_path, monkeypatch):
+    source = list_checkpoints(train(tiny(tmp_path, "source", "train.steps=2")))[-1]
+    src = load_file(str(source / "ema.safetensors"))
+    # lr ~ 0: after one step the weights are still the source's EMA weights
+    cfg = tiny(tmp_path, "tuned", f"train.init_from={source}", "train.lr=1e-30", "train.steps=1")
+    run = train(cfg)
+    names = {n for n, _ in build_model(cfg).named_parameters()}      # buffers (router state) move on
+    for file in ("model.safetensors", "ema.safetensors"):
+        got = load_file(str(list_checkpoints(run)[-1] / file))
+        assert all(torch.allclose(got[k], src[k], rtol=0, atol=1e-20) for k in names), file
+    assert f"train.init_from: model and EMA start from the weights of {source}" in (run / "log.txt").read_text()
+    shutil.rmtree(tmp_path / "source")                     # a resume does not need the source any more
+    train(tiny(tmp_path, "tuned", f"train.init_from={source}", "train.lr=1e-30", "train.steps=2"), resume="latest")
+    assert list_checkpoints(run)[-1].name == "step-0000002"
+
+
+@pytest.mark.parametrize("what", ["missing", "other architecture"])
+def test_bad_init_from_exits_2_and_leaves_no_run_folder(tmp_path, capsys, what):
+    import train as cli
+
+    if what == "missing":
+        source, match = tmp_path / "nowhere", "train.init_from="
+    else:
+        source = list_checkpoints(train(tiny(tmp_path, "dense", "model.name=DiT-T/2", "train.steps=1")))[-1]
+        match = "python -m dit_moe.upcycle"
+    capsys.readouterr()
+    save_config(tiny(tmp_path, "run", f"train.init_from={source}"), tmp_path / "run.yaml")
+    assert cli.main(["--config", str(tmp_path / "run.yaml")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]
+    assert len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "run").exists()

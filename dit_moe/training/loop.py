@@ -14,7 +14,7 @@ from ..config import ExperimentConfig, save_config, validate
 from ..errors import TrainingInterrupted
 from .checkpointing import Checkpointer
 from .metrics import Logbook, RunningMeans, check_replicas, trim_metrics
-from .resume import choose_checkpoint, restore, resume_request
+from .resume import check_init_from, choose_checkpoint, restore, resume_request
 from .rundir import RunFolder
 from .setup import (Parts, build_parts, describe_run, ema_decay_at, flat_config, make_accelerator, micro_batches,
                     open_data, update_ema)
@@ -42,9 +42,10 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
     accelerator = make_accelerator(cfg, request.run_dir)
     validate(cfg, num_processes=accelerator.num_processes)
     data = open_data(cfg, accelerator)                           # the data fits the model: still nothing written
+    check_init_from(cfg, request)
     with RunFolder(request.run_dir, accelerator) as run:         # created, locked, logging to log.txt
         resume_from = on_main(accelerator, choose_checkpoint, request)
-        parts = build_parts(cfg, data, accelerator)
+        parts = build_parts(cfg, data, accelerator, init_from=t.init_from if resume_from is None else None)
         state = parts.state
         if resume_from is not None:
             restore(cfg, parts, data, accelerator, resume_from)
@@ -66,6 +67,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
                         dynamic_ncols=True, mininterval=2.0)
         logbook = Logbook(run.dir, cfg, accelerator, data.steps_per_epoch, state.step, progress)
         grad_norm, decoders = None, {}
+        run.keep()
         try:
             with StopSignals() as stop:
                 while state.step < t.steps:

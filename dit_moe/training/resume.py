@@ -30,7 +30,8 @@ logger = logging.getLogger("dit_moe.train")
 
 SCHEDULE_KEYS = ("lr", "steps", "warmup_steps", "lr_schedule", "min_lr_ratio")
 OPTIMIZER_KEYS = ("betas", "weight_decay")
-_WHERE_KEYS = ("run_dir", "run_name")      # a moved or renamed run folder changes nothing
+_IGNORED_KEYS = ("run_dir", "run_name",    # a moved or renamed run folder changes nothing
+                 "init_from")               # used by a fresh start only
 
 
 @dataclasses.dataclass
@@ -53,6 +54,20 @@ def resume_request(cfg: ExperimentConfig, resume: Optional[str]) -> ResumeReques
         return ResumeRequest(run_dir, "path", path)
     resolve_checkpoint(path)                 # raises the error that says what is wrong with the path
     return ResumeRequest(path, "latest")     # a run folder with checkpoints: its newest intact one
+
+
+def check_init_from(cfg: ExperimentConfig, request: ResumeRequest) -> None:
+    """Before anything is written: the ``train.init_from`` checkpoint is readable, when a fresh start would use it.
+
+    Whether its tensors fit the model is checked when the model is built (``load_init_weights`` names them).
+    """
+    path = cfg.train.init_from
+    if path is None or (request.mode != "new" and list_checkpoints(request.run_dir)):
+        return                                  # a resume continues its own state (and needs no source)
+    try:
+        load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from={path}: {e}") from e
 
 
 def choose_checkpoint(request: ResumeRequest) -> Optional[Path]:
@@ -144,7 +159,7 @@ def restore(cfg: ExperimentConfig, parts, data, accelerator, path: Path) -> None
 def apply_changes(old, new, parts) -> None:
     """Make the optimizer and schedule follow the current TrainConfig ``new`` rather than the saved ``old``."""
     changed = {f.name: (getattr(old, f.name), getattr(new, f.name)) for f in dataclasses.fields(new)
-               if f.name not in _WHERE_KEYS and getattr(old, f.name) != getattr(new, f.name)}
+               if f.name not in _IGNORED_KEYS and getattr(old, f.name) != getattr(new, f.name)}
     if not changed:
         return
     what = lambda keys: ", ".join(f"train.{k} {changed[k][0]} -> {changed[k][1]}" for k in keys if k in changed)

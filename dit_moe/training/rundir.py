@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -226,10 +227,12 @@ class RunFolder:
         self.is_main = accelerator.is_main_process
         self.lock: Optional[RunLock] = None
         self.token = ""
+        self.created = False                 # by this call: removed again if the start fails (until ``keep``)
         self._handlers: list[logging.Handler] = []
 
     def _take(self) -> str:
         try:
+            self.created = not self.dir.exists()
             self.dir.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(self.dir).acquire()
             (self.dir / "checkpoints").mkdir(exist_ok=True)
@@ -259,15 +262,27 @@ class RunFolder:
             h.setFormatter(fmt)
             logger.addHandler(h)
 
+    def keep(self) -> None:
+        """Training begins: from here on the folder stays, whatever happens."""
+        self.created = False
+
     def verify(self) -> None:
         if self.lock is not None:
             self.lock.verify()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, *exc) -> None:
         for h in self._handlers:
             logger.removeHandler(h)
             h.close()
         self._handlers = []
         if self.lock is not None:
+            if exc_type is not None and self.created and self._holds_nothing():
+                shutil.rmtree(self.dir, ignore_errors=True)   # a failed start leaves no empty run folder
             self.lock.release()
             self.lock = None
+
+    def _holds_nothing(self) -> bool:
+        """Only what a start writes before training: the lock, the log, config.yaml, an empty checkpoints/."""
+        ckpts = self.dir / "checkpoints"
+        return (all(p.name in (LOCK_FILE, "log.txt", "config.yaml", "checkpoints") for p in self.dir.iterdir())
+                and not (ckpts.is_dir() and any(ckpts.iterdir())))

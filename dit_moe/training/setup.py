@@ -244,8 +244,12 @@ class Parts:
     all_reduce: Optional[Any]     # sum over ranks for router state, None on one process
 
 
-def build_parts(cfg: ExperimentConfig, data: Data, accelerator) -> Parts:
-    """Model (same initial weights on every rank), EMA, AdamW and the LR schedule, prepared by Accelerate."""
+def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optional[str] = None) -> Parts:
+    """Model (same initial weights on every rank), EMA, AdamW and the LR schedule, prepared by Accelerate.
+
+    init_from: a checkpoint whose weights both model and EMA start from (``train.init_from``, fresh runs only:
+    a resume loads its own state, and must not depend on the source still existing).
+    """
     from ..registry import build_model
 
     t, world, rank, device = cfg.train, accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -255,8 +259,12 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator) -> Parts:
         logger.info(f"note: {cfg.model.name} is dense; the routing section is ignored")
     ema = build_model(cfg)
     ema.load_state_dict(model.state_dict())
-    # ----- INIT_FROM: train.init_from loads its weights here -- load_init_weights(model, ema, t.init_from) --
-    #       after build_model and before accelerator.prepare (a resume then overrides them with its checkpoint).
+    if init_from is not None:                # after build_model, before prepare: every rank loads the same weights
+        from ..init_from import load_init_weights
+
+        src = load_init_weights(model, ema, init_from)
+        logger.info(f"train.init_from: model and EMA start from the weights of {src.path} (step {src.step} of "
+                    f"{src.model_config.name}); optimizer, schedule and step start afresh")
     ema = ema.to(device)
     ema.requires_grad_(False).eval()
     model.train()
