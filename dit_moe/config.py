@@ -20,8 +20,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import DitMoeError
 
-class ConfigError(ValueError):
+
+class ConfigError(DitMoeError, ValueError):
     """A configuration key or value is invalid; the message names it."""
 
 
@@ -405,3 +407,137 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                 The validation pass (ranges, cross-section rules)
+# ---------------------------------------------------------------------------------------------------------
+
+def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None:
+    """Check every range and cross-section rule at once; one ``ConfigError`` lists every problem.
+
+    Types and choices are checked when the config is built (``from_dict``); this pass checks what a type cannot
+    say: ranges, finiteness, and rules that tie keys together (routing against the model name's E and K, the
+    batch against accumulation and processes, the run name against the run folder). It runs before any work or
+    any folder is created. ``num_processes``: the world size, when known (the global batch must divide by it).
+    Rules that need the data (shape, size) are checked when the data is opened.
+    """
+    problems: list[str] = []
+    bad = problems.append
+
+    # ----- every float must be a number: NaN and inf pass every range check below unnoticed
+    for section in dataclasses.fields(cfg):
+        sec = getattr(cfg, section.name)
+        for f in dataclasses.fields(sec):
+            values = getattr(sec, f.name)
+            for v in (values if isinstance(values, tuple) else (values,)):
+                if isinstance(v, float) and not math.isfinite(v):
+                    bad(f"{section.name}.{f.name}={values} must be a finite number")
+    nonfinite = {p.split("=")[0] for p in problems}
+
+    def check(key: str, ok: bool, message: str) -> None:
+        if key not in nonfinite and not ok:
+            bad(f"{key}={_value(cfg, key)!r} {message}")
+
+    m, r, d, t, s = cfg.model, cfg.routing, cfg.data, cfg.train, cfg.sample
+    # ----- model
+    arch = None
+    try:
+        from .registry import parse_name  # lazy: the registry imports torch
+
+        arch = parse_name(m.name)
+    except ConfigError as e:
+        bad(str(e))
+    check("model.input_size", m.input_size >= 1, "must be >= 1")
+    if arch is not None and m.input_size >= 1:
+        check("model.input_size", m.input_size % arch.patch_size == 0,
+              f"is not divisible by the patch size {arch.patch_size} of {m.name}")
+    check("model.in_channels", m.in_channels >= 1, "must be >= 1")
+    check("model.num_classes", m.num_classes >= 1, "must be >= 1")
+    check("model.class_dropout_prob", 0.0 <= m.class_dropout_prob < 1.0, "must be in [0, 1)")
+    check("model.expert_hidden_ratio", m.expert_hidden_ratio > 0, "must be > 0")
+    check("model.num_shared_experts", m.num_shared_experts >= 0, "must be >= 0")
+    check("model.shared_hidden_ratio", m.shared_hidden_ratio > 0, "must be > 0")
+    check("model.moe_every", m.moe_every >= 1, "must be >= 1")
+    if hasattr(m, "mlp_norm_eps"):
+        check("model.mlp_norm_eps", m.mlp_norm_eps > 0, "must be > 0")
+    if arch is not None and arch.is_moe:
+        check("model.moe_every", m.moe_every <= arch.depth, f"leaves no MoE block in the {arch.depth} blocks of {m.name}")
+
+    # ----- routing (ignored by dense models, which say so when training starts)
+    if arch is not None and arch.is_moe:
+        E = arch.num_experts
+        if r.target is not None:
+            check("routing.target", 0 < r.target <= E, f"must be in (0, {E}] (the {E} experts of {m.name})")
+        if r.k_max is not None:
+            check("routing.k_max", 1 <= r.k_max <= E, f"must be in [1, {E}] or null (no cap)")
+        if r.type == "dtopp" and r.k_max is not None and 1 <= r.k_max <= E:
+            target = arch.top_k if r.target is None else r.target
+            check("routing.k_max", target <= r.k_max, f"is below the target of {target} experts per token")
+        check("routing.threshold", 0.0 < r.threshold <= 1.0, "must be in (0, 1]")
+        if "routing.p_min" not in nonfinite and "routing.p_max" not in nonfinite and not 0.0 < r.p_min <= r.p_max <= 1.0:
+            bad(f"routing.p_min={r.p_min}, routing.p_max={r.p_max} must satisfy 0 < p_min <= p_max <= 1")
+        if r.p0 is not None:
+            check("routing.p0", 0.0 < r.p0 <= 1.0, "must be in (0, 1] or null (target / experts)")
+        check("routing.kp", r.kp >= 0, "must be >= 0 (a negative gain drives the count away from the target)")
+        check("routing.ki", r.ki >= 0, "must be >= 0 (a negative gain drives the count away from the target)")
+        if r.i_max is None:
+            check("routing.ki", r.ki != 0, "must be > 0 when routing.i_max is null (the default bound is 1 / ki)")
+        else:
+            check("routing.i_max", r.i_max > 0, "must be > 0 or null (1 / ki)")
+        for key in ("lb_coef", "entropy_coef"):
+            if getattr(r, key) is not None:
+                check(f"routing.{key}", getattr(r, key) >= 0, "must be >= 0 or null (the router's default)")
+        check("routing.drn_log_scale_max", r.drn_log_scale_max > 0, "must be > 0")
+        check("routing.default_beta", 0.0 <= r.default_beta < 1.0, "must be in [0, 1)")
+
+    # ----- data
+    check("data.num_workers", d.num_workers >= 0, "must be >= 0 (0: load in the training process)")
+    if d.source == "latents" and not d.path:
+        bad("data.path must name the extraction folder (python -m dit_moe.extract) when data.source=latents")
+
+    # ----- train
+    check("train.run_dir", bool(t.run_dir), "must name a folder")
+    if t.run_name is not None:
+        name = t.run_name
+        check("train.run_name", name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name,
+              "must be one folder name inside train.run_dir (no '/', not '..' or empty)")
+    check("train.steps", t.steps >= 1, "must be >= 1")
+    check("train.grad_accum", t.grad_accum >= 1, "must be >= 1")
+    check("train.global_batch_size", t.global_batch_size >= 1, "must be >= 1")
+    if t.global_batch_size >= 1 and t.grad_accum >= 1:
+        denom = (num_processes or 1) * t.grad_accum
+        if t.global_batch_size % denom:
+            bad(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                + (f"num_processes ({num_processes}) x " if num_processes else "")
+                + f"train.grad_accum ({t.grad_accum}) = {denom}")
+    check("train.lr", t.lr > 0, "must be > 0")
+    check("train.weight_decay", t.weight_decay >= 0, "must be >= 0")
+    if "train.betas" not in nonfinite and not all(0.0 <= b < 1.0 for b in t.betas):
+        bad(f"train.betas={list(t.betas)} must both be in [0, 1)")
+    check("train.warmup_steps", t.warmup_steps >= 0, "must be >= 0")
+    check("train.min_lr_ratio", 0.0 <= t.min_lr_ratio <= 1.0, "must be in [0, 1]")
+    if t.grad_clip is not None:
+        check("train.grad_clip", t.grad_clip > 0, "must be > 0 or null (no clipping)")
+    check("train.ema_decay", 0.0 <= t.ema_decay < 1.0, "must be in [0, 1)")
+    check("train.log_every", t.log_every >= 1, "must be >= 1")
+    check("train.ckpt_every", t.ckpt_every >= 1, "must be >= 1")
+    check("train.keep_last", t.keep_last >= 1, "must be >= 1")
+    check("train.sample_every", t.sample_every >= 0, "must be >= 0 (0: only at the end)")
+
+    # ----- sample
+    check("sample.steps", s.steps >= 1, "must be >= 1")
+    check("sample.num_per_class", s.num_per_class >= 1, "must be >= 1")
+    check("sample.batch_size", s.batch_size >= 1, "must be >= 1")
+    if s.guidance_channels is not None:
+        check("sample.guidance_channels", 1 <= s.guidance_channels <= m.in_channels,
+              f"must be in [1, model.in_channels={m.in_channels}] or null (all channels)")
+
+    if problems:
+        raise ConfigError(f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}): "
+                          + "; ".join(problems))
+
+
+def _value(cfg: ExperimentConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
