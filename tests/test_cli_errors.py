@@ -44,7 +44,7 @@ BAD_TRAIN = [
     (["train.ema_decay=1"], "train.ema_decay=1.0 must be in [0, 1)"),
     (["train.keep_last=0"], "train.keep_last=0 must be >= 1"),
     (["train.betas=[0.9, 1.5]"], "train.betas=[0.9, 1.5] must both be in [0, 1)"),
-    (["sample.steps=0"], "sample.steps=0 must be >= 1"),
+    (["sample.steps=0"], "sample.steps: steps=0 must be in [1, 1000]"),
     (["model.name=DiT-Q/2"], "unknown model name 'DiT-Q/2'"),
     (["model.input_size=7"], "model.input_size=7 is not divisible by the patch size 2"),
     (["model.in_channels=4"], "model.in_channels=4 but the data (builtin:digits) has 1"),

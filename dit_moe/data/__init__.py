@@ -99,7 +99,8 @@ def build_dataset(source: str, path: str | None = None, flip: bool | None = None
         return dataset, info
     if source == "latents":
         if not path:
-            raise DataError("data source 'latents' needs a path: the directory written by `python -m dit_moe.extract`")
+            raise DataError("data.path must name the extraction folder (written by `python -m dit_moe.extract`) "
+                            "when data.source=latents")
         dataset = LatentDataset(path) if flip is None else LatentDataset(path, flip=flip)
         m = dataset.manifest
         C, h, w = dataset.latent_shape

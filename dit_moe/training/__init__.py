@@ -60,7 +60,7 @@ record and over all ranks unless noted):
     epoch             current epoch (float: step / steps_per_epoch)
     lr                learning rate of the last step
     loss              total loss (diffusion loss + router aux losses), all-reduced mean
-    mse, vb           the diffusion loss's epsilon-MSE and variational-bound terms
+    mse, vb           the objective's logged terms: ddpm: epsilon-MSE and variational bound; flow: mse (velocity)
     aux_loss          sum of router aux losses (MoE models; 0 for dense)
     aux/<name>        each named aux term (e.g. aux/lb, aux/entropy), summed over layers
     grad_norm         gradient norm before clipping, last step (when train.grad_clip is set)

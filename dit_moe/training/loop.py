@@ -1,7 +1,6 @@
 """The training loop: ``train(cfg)``, one optimizer step, the diffusion loss, the EMA sample grid."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import signal
 import time
@@ -11,6 +10,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..config import ExperimentConfig, save_config, validate
+from ..diffusion import build_objective
 from ..errors import TrainingInterrupted
 from .checkpointing import Checkpointer
 from .metrics import Logbook, RunningMeans, check_replicas, trim_metrics
@@ -54,19 +54,19 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
         if accelerator.is_main_process:
             trim_metrics(run.dir, state.step)
             save_config(cfg, run.dir / "config.yaml")
-        for line in describe_run(cfg, parts, data, accelerator, run.dir):
+        objective = build_objective(cfg, learn_sigma=cfg.model.learn_sigma)
+        for line in describe_run(cfg, parts, data, accelerator, run.dir) + [objective.describe()]:
             logger.info(line)
         if t.tracker is not None:
             accelerator.init_trackers(t.tracker, config=flat_config(cfg))
 
-        objective = build_objective(cfg)
         batches = micro_batches(data, state, accelerator, t.grad_accum)
         ckpts = Checkpointer(run, cfg, parts, data.info, accelerator, last=resume_from)
         meter = RunningMeans(accelerator, run.dir, data, ckpts, start_step=state.step)
         progress = tqdm(total=t.steps, initial=state.step, desc=run.dir.name, disable=not accelerator.is_main_process,
                         dynamic_ncols=True, mininterval=2.0)
         logbook = Logbook(run.dir, cfg, accelerator, data.steps_per_epoch, state.step, progress)
-        grad_norm, decoders = None, {}
+        grad_norm = None
         run.keep()
         try:
             with StopSignals() as stop:
@@ -90,7 +90,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
                         meter.check(state.step)                  # nothing is saved after a fault
                         ckpts.save("periodic")
                     if t.sample_every and state.step % t.sample_every == 0 and state.step < t.steps:
-                        sample_grid(cfg, parts, data.info, run.dir, accelerator, decoders)
+                        sample_grid(cfg, parts, data.info, run.dir, accelerator)
 
                     # ----- stop requests: all ranks agree on the step they stop at
                     signum = agreed_signal(stop, accelerator)
@@ -104,7 +104,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
                 # ----- the end
                 meter.check(state.step)
                 ckpts.save_once("final")
-                sample_grid(cfg, parts, data.info, run.dir, accelerator, decoders)
+                sample_grid(cfg, parts, data.info, run.dir, accelerator)
                 check_replicas(accelerator, parts, run.dir)
                 logger.info(f"done: {state.step} steps in {time.perf_counter() - logbook.t_start:.1f} s; "
                             f"run folder {run.dir}")
@@ -118,20 +118,12 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
 #                                     One optimizer step and its loss
 # ---------------------------------------------------------------------------------------------------------
 
-def build_objective(cfg: ExperimentConfig):
-    """The diffusion objective the loss comes from (built once per run)."""
-    from ..diffusion import GaussianDiffusion
-
-    return GaussianDiffusion(learn_sigma=cfg.model.learn_sigma)
-
-
 def diffusion_loss(objective, model, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """The loss terms of one micro-batch x (N, C, H, W), y (N,): each (N,); "loss" is optimised, the rest logged.
 
-    The one place the objective is called (timesteps, noise, model call).
+    The one place the objective is called; it draws the timesteps and the noise itself (dit_moe.diffusion).
     """
-    ts = objective.sample_timesteps(x.shape[0], x.device)
-    return objective.training_losses(lambda xt, tt: model(xt, tt, y), x, ts)
+    return objective.training_losses(lambda xt, tt: model(xt, tt, y), x)
 
 
 def train_step(parts: Parts, objective, batches: Iterator, meter: RunningMeans, accelerator, grad_accum: int,
@@ -172,36 +164,17 @@ def train_step(parts: Parts, objective, batches: Iterator, meter: RunningMeans, 
 #                                            EMA sample grid
 # ---------------------------------------------------------------------------------------------------------
 
-def sample_grid(cfg: ExperimentConfig, parts: Parts, info, run_dir: Path, accelerator, decoders: dict) -> None:
-    """EMA samples of up to 10 classes x num_per_class (capped at 8) -> samples/step-XXXXXXX.png (main process).
+def sample_grid(cfg: ExperimentConfig, parts: Parts, info, run_dir: Path, accelerator) -> None:
+    """EMA samples of up to 10 classes -> samples/step-XXXXXXX.png (main process), RNG-isolated.
 
-    The one place training draws samples. ``decoders`` caches the decoder (a VAE for latent data) for the run.
+    The one place training draws samples; dit_moe.sampling.training_grid goes through the inference path.
     """
-    if importlib.util.find_spec("dit_moe.sampling") is None:
-        return
     if accelerator.is_main_process:
-        from .. import sampling
-        from ..data import load_decoder, to_uint8
+        from ..sampling import training_grid
 
-        s, device, ema = cfg.sample, accelerator.device, parts.ema
-        settings = sampling.SamplerSettings(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
-                                            guidance_channels=s.guidance_channels)
-        classes = torch.linspace(0, info.num_classes - 1, min(info.num_classes, 10)).round().long()
-        per = max(1, min(s.num_per_class, 8))
-        labels = classes.repeat_interleave(per)
-        if "decode" not in decoders:
-            decoders["decode"] = load_decoder(info, device)
-        t0 = time.perf_counter()
-        # Own generators per sample; fork_rng guarantees the training RNG streams are untouched (a resume
-        # could not replay draws made here).
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            x = sampling.sample_latents(ema, labels, sampling.make_generators(s.seed, range(len(labels))),
-                                        settings, (info.in_channels, info.latent_size, info.latent_size), device)
-            images = to_uint8(decoders["decode"](x))
-        captions = [sampling.short_name(info.class_names[int(c)]) for c in labels]
-        out = run_dir / "samples" / f"step-{parts.state.step:07d}.png"
-        out.parent.mkdir(exist_ok=True)
-        sampling.make_grid(images.cpu(), captions, ncol=per).save(out)
-        logger.info(f"EMA samples ({s.sampler}, {s.steps} steps, cfg {s.cfg_scale}): {out} "
-                    f"({time.perf_counter() - t0:.1f} s)")
+        r = training_grid(parts.ema, cfg, info, accelerator.device,
+                          run_dir / "samples" / f"step-{parts.state.step:07d}.png")
+        s = r["settings"]
+        logger.info(f"EMA samples ({s.sampler}, {s.steps} steps, cfg {s.cfg_scale}): {r['path']} "
+                    f"({r['seconds']:.1f} s)")
     accelerator.wait_for_everyone()

@@ -122,7 +122,7 @@ def _step_or(path: Path, default: int) -> int:
 
 def check_compatible(saved: ExperimentConfig, cfg: ExperimentConfig, path: Path) -> None:
     """Refuse a checkpoint of another model, routing, data or global batch."""
-    for section in ("model", "routing", "data"):
+    for section in ("model", "routing", "data", "diffusion"):
         a, b = getattr(saved, section), getattr(cfg, section)
         if a != b:
             diff = [f"{section}.{k}: checkpoint {v!r} vs now {getattr(b, k)!r}"
