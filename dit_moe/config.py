@@ -466,7 +466,7 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
         for key in ("lb_coef", "entropy_coef"):
             if getattr(r, key) is not None:
                 check(f"routing.{key}", getattr(r, key) >= 0, "must be >= 0 or null (the router's default)")
-        check("routing.drn_log_scale_max", r.drn_log_scale_max > 0, "must be > 0")
+        check("routing.drn_log_scale_max", r.drn_log_scale_max >= 0, "must be >= 0 (0 fixes the DRN scale at 1)")
         check("routing.default_beta", 0.0 <= r.default_beta < 1.0, "must be in [0, 1)")
 
     # ----- data
