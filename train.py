@@ -4,13 +4,15 @@ Examples:
     python train.py                                            # tiny DiT-MoE with DTop-p on the builtin digits
     python train.py --config configs/imagenet-S2-E8K2-dtopp.yaml data.path=latents/imagenet256
     python train.py --resume latest                            # continue the run named by the config
+    python train.py --resume latest train.lr=5e-5              # ... with a new learning rate (takes effect)
     accelerate launch --num_processes 2 train.py train.global_batch_size=256
 
-The run folder is train.run_dir/train.run_name (default: runs/<config file name>). See dit_moe/training.py
-for what it contains and for the metrics.jsonl keys.
+The run folder is train.run_dir/train.run_name (default: runs/<config file name>); see the docstring of
+dit_moe/training/__init__.py for what it contains and for the metrics.jsonl keys.
+Exit codes: 0 done; 2 a user error (bad config, data, checkpoint, locked run folder, disk full; one line on
+stderr); 128 + signal number after SIGTERM/SIGINT (a checkpoint was written; continue with --resume latest).
 """
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -25,9 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=2e-4 train.steps=500")
     args = parser.parse_intermixed_args(argv)  # options may come between the overrides
 
-    from dit_moe.config import ConfigError, load_config
-    from dit_moe.checkpoint import CheckpointError
-    from dit_moe.training import TrainingError, TrainingInterrupted, train
+    from dit_moe.config import load_config
+    from dit_moe.errors import DitMoeError, TrainingInterrupted, cli_error
+    from dit_moe.training import train
 
     try:
         overrides = list(args.overrides)
@@ -40,9 +42,12 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 128 + e.signum
-    except (ConfigError, CheckpointError, TrainingError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    except DitMoeError as e:
+        return cli_error("train.py", e)
+    except KeyboardInterrupt:
+        print("train.py: interrupted (Ctrl-C): stopped without saving; the checkpoints written so far are intact",
+              file=sys.stderr)
+        return 130
     print(f"run folder: {run_dir}")
     return 0
 

@@ -37,8 +37,17 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from .sampling.errors import AnalysisError
+
 if TYPE_CHECKING:  # torch is imported where it is used: `--run` (training curves) never loads it
     import torch
+
+
+def __getattr__(name: str):
+    if name == "RoutingRecorder":     # lives with the sampling trace; imported on demand (it needs torch)
+        from .sampling.trace import RoutingRecorder
+        return RoutingRecorder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AnalysisError",
@@ -57,101 +66,6 @@ MAX_LAYER_GROUPS = 4      # curves in the per-timestep plot
 MAX_SPATIAL_ROWS = 6      # images in the spatial plot (one per class)
 
 
-class AnalysisError(ValueError):
-    """Bad analysis inputs (dense model, missing logs, bad class ids); the message names the file or value."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-#                                       Recording routing decisions
-# ---------------------------------------------------------------------------------------------------------
-
-def _moe_blocks(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    """(block index, MoEMLP) of every MoE block, in depth order."""
-    from .models.moe import MoEMLP, moe_layers
-
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None:
-        found = [(i, b.mlp) for i, b in enumerate(blocks) if isinstance(getattr(b, "mlp", None), MoEMLP)]
-    else:
-        found = list(enumerate(moe_layers(model)))
-    return found
-
-
-class RoutingRecorder:
-    """Forward hooks on every MoE layer's router that keep each call's routing decision on the host.
-
-    Per router call and MoE layer l it stores ``num_active`` (N,) int16 (experts of each token) and the mask's
-    per-expert counts over the first ``split`` tokens and over the rest, (2, E) int64 (``split`` = the tokens of the
-    conditional half under CFG; None = all tokens in the first row). ``step`` tags the calls with the trajectory
-    step they belong to. Use as a context manager; the model is not modified.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        found = _moe_blocks(model)
-        if not found:
-            name = getattr(getattr(model, "model_config", None), "name", type(model).__name__)
-            raise AnalysisError(f"{name} is not an MoE model (no MoE layers, no routers): nothing to analyze")
-        self.block_index = [i for i, _ in found]
-        self.routers = [mlp.router for _, mlp in found]
-        self.num_experts = self.routers[0].num_experts
-        self.step = 0
-        self.split: Optional[int] = None
-        self.calls: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in self.routers]
-        self._handles = []
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.routers)
-
-    def clear(self) -> None:
-        self.calls = [[] for _ in self.routers]
-
-    def _hook(self, layer: int):
-        import torch
-
-        def hook(module, inputs, out):
-            if getattr(out, "num_active", None) is None or getattr(out, "mask", None) is None:
-                raise AnalysisError(f"router {type(module).__name__} of MoE layer {layer} returned no num_active/mask")
-            mask = out.mask.detach()
-            n = mask.shape[0] if self.split is None else self.split
-            counts = torch.stack([mask[:n].sum(0), mask[n:].sum(0)]).to("cpu", torch.int64)
-            self.calls[layer].append((self.step, out.num_active.detach().to("cpu", torch.int16), counts))
-        return hook
-
-    def __enter__(self) -> "RoutingRecorder":
-        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        return False
-
-    def per_layer_mean(self) -> torch.Tensor:
-        """Mean activated experts per token of each layer over every recorded call, (L,) float64."""
-        import torch
-
-        out = []
-        for calls in self.calls:
-            if not calls:
-                out.append(float("nan"))
-                continue
-            n = torch.cat([c[1] for c in calls]).to(torch.float64)
-            out.append(float(n.mean()))
-        return torch.tensor(out, dtype=torch.float64)
-
-    def per_layer_load(self) -> torch.Tensor:
-        """Share of (token, expert) assignments per expert of each layer over every recorded call, (L, E)."""
-        import torch
-
-        rows = []
-        for calls in self.calls:
-            c = sum(call[2].sum(0) for call in calls) if calls else torch.zeros(self.num_experts, dtype=torch.int64)
-            rows.append(c.to(torch.float64) / max(int(c.sum()), 1))
-        return torch.stack(rows)
-
-
 # ---------------------------------------------------------------------------------------------------------
 #                                   Checkpoint analysis: the trajectory
 # ---------------------------------------------------------------------------------------------------------
@@ -164,38 +78,16 @@ def default_out_dir(checkpoint: str | Path) -> Path:
     return path / "analysis"
 
 
-def _data_info(ckpt):
-    """The checkpoint's DataInfo, or None (then images are shown as pixels when they have 1 or 3 channels)."""
-    from .data import DataInfo
-
-    if not ckpt.data_info:
-        return None
-    try:
-        return DataInfo.from_dict(ckpt.data_info)
-    except (ValueError, TypeError) as e:
-        raise AnalysisError(f"{ckpt.path}: invalid data_info ({e})") from e
-
-
-def _decoder(info, cfg, device, vae: Optional[str]):
-    """decode latents -> images in [-1, 1], or None when nothing says how to decode (no image under the maps)."""
-    from .data import DataInfo, load_decoder
-
-    if info is None:
-        if vae is None and cfg.in_channels not in (1, 3):
-            print(f"note: no data_info and {cfg.in_channels}-channel latents: spatial maps are drawn without the image"
-                  " (pass --vae to decode)", file=sys.stderr)
-            return None
-        info = DataInfo(num_classes=cfg.num_classes, in_channels=cfg.in_channels, latent_size=cfg.input_size,
-                        image_size=cfg.input_size, class_names=tuple(str(i) for i in range(cfg.num_classes)),
-                        vae=None, scaling_factor=1.0, source="unknown")
-    return load_decoder(info, device=device, vae=vae)
-
-
-def _pick_classes(classes, num_classes: int, seed: int, where: str) -> list[int]:
+def _pick_classes(classes, num_classes: int, seed: int, where: str, names: Sequence[str] = ()) -> list[int]:
     import torch
 
     if classes is not None:
-        ids = [int(c) for c in classes]
+        lookup = {str(n).split(",")[0].strip(): i for i, n in enumerate(names)}
+        lookup.update({str(n): i for i, n in enumerate(names)})
+        try:
+            ids = [int(c) if str(c).lstrip("-").isdigit() else lookup[str(c)] for c in classes]
+        except KeyError as e:
+            raise AnalysisError(f"classes: unknown class {e.args[0]!r} for {where}") from None
         bad = [c for c in ids if not 0 <= c < num_classes]
         if bad or not ids:
             raise AnalysisError(f"classes {bad or ids}: class ids must be in [0, {num_classes}) for {where}")
@@ -212,7 +104,7 @@ def analyze_checkpoint(
     classes: Optional[Sequence[int]] = None,
     num_per_class: int = 2,
     sampler: Optional[str] = None,
-    num_steps: int = 50,
+    num_steps: Optional[int] = 50,
     cfg_scale: Optional[float] = None,
     seed: int = 0,
     device: Optional[str | torch.device] = None,
@@ -221,20 +113,24 @@ def analyze_checkpoint(
     spatial_steps: int = 4,
     batch_size: int = 32,
     vae: Optional[str] = None,
+    **sample_overrides,
 ) -> dict:
     """Analyse the routing of the checkpoint at ``path`` (or a run's latest) on its own sampling trajectory.
 
-    ``sampler`` and ``cfg_scale`` default to the checkpoint's sample config (ddpm / 1.5 without one); ``num_steps``
-    sampling steps. Writes the PNGs listed in the module docstring and ``analysis.json`` into ``out_dir``
-    (default ``default_out_dir``) and returns the JSON content.
+    ``sampler`` and ``cfg_scale`` default to the checkpoint's sample config (the objective's default sampler /
+    1.5 without one); ``num_steps`` sampling steps (None: the checkpoint's); any other SampleConfig field
+    (guidance_interval, time_shift, guidance_channels, ...) may be given as a keyword. Writes the PNGs listed in
+    the module docstring and ``analysis.json`` into ``out_dir`` (default ``default_out_dir``) and returns the JSON.
     """
+    import dataclasses
+
     import torch
 
-    from .checkpoint import build_from_checkpoint, load_checkpoint
-    from .config import SampleConfig
+    from .checkpoint import load_checkpoint
     from .data import to_uint8
+    from .inference import InferenceError, load
     from .registry import parse_name
-    from .sampling import SamplerSettings, SamplingError
+    from .sampling import FLAGS, SamplingError, resolve_settings
 
     ckpt = load_checkpoint(path)          # CheckpointError naming the path when it is missing or broken
     cfg = ckpt.model_config
@@ -243,95 +139,43 @@ def analyze_checkpoint(
         raise AnalysisError(f"{ckpt.path}: {cfg.name} is not an MoE model (a dense model has no routers to analyze)")
     if num_per_class < 1 or batch_size < 1 or spatial_steps < 1 or num_buckets < 1:
         raise AnalysisError("num_per_class, batch_size, spatial_steps and num_buckets must be >= 1")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    model, ckpt = build_from_checkpoint(ckpt.path, which=which, device=device)
-    defaults = ckpt.experiment.sample if ckpt.experiment is not None else SampleConfig()
     try:
-        settings = SamplerSettings(
-            sampler=sampler or defaults.sampler, steps=num_steps,
-            cfg_scale=defaults.cfg_scale if cfg_scale is None else cfg_scale,
-            guidance_channels=defaults.guidance_channels).validate(cfg.in_channels)
-    except SamplingError as e:
+        bundle = load(ckpt.path, weights=which, device=device, vae=vae)
+    except InferenceError as e:
+        raise AnalysisError(str(e)) from e
+    model = bundle.model
+    given = {"sampler": sampler, "steps": num_steps, "cfg_scale": cfg_scale, **sample_overrides}
+    try:
+        settings = resolve_settings(dataclasses.replace(bundle.defaults, **{k: v for k, v in given.items()
+                                                                           if v is not None}),
+                                    bundle.objective, cfg.in_channels, name=lambda f: FLAGS.get(f, f))
+    except (SamplingError, TypeError) as e:
         raise AnalysisError(f"{ckpt.path}: {e}") from e
-    info = _data_info(ckpt)
-    class_ids = _pick_classes(classes, cfg.num_classes, seed, str(ckpt.path))
-    names = [info.class_names[c] if info is not None and c < len(info.class_names) else str(c) for c in class_ids]
+    info = bundle.data_info
+    class_ids = _pick_classes(classes, cfg.num_classes, seed, str(ckpt.path), info.class_names)
+    names = [info.class_names[c] if c < len(info.class_names) else str(c) for c in class_ids]
     labels = torch.tensor([c for c in class_ids for _ in range(num_per_class)], dtype=torch.long)
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(ckpt.path)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    recorder = RoutingRecorder(model)
-    trace = _trace(model, recorder, labels, settings, shape, seed, batch_size, device)
-    images = None
-    decode = _decoder(info, cfg, device, vae)
-    if decode is not None:
-        images = to_uint8(decode(trace["latents"].to(device))).cpu()
+    from .sampling import trace as trace_module
 
-    report = _summarize(trace, recorder, model, ckpt, arch, settings, class_ids, names, labels, seed,
+    recorder = trace_module.RoutingRecorder(model)
+    trace = trace_module.trace_routing(bundle, recorder, labels, settings, seed=seed, batch_size=batch_size)
+    images = None
+    if bundle.decodable:
+        images = to_uint8(bundle.decode(trace["latents"].to(bundle.device))).cpu()
+    else:
+        print(f"note: no data_info and {cfg.in_channels}-channel latents: spatial maps are drawn without the image"
+              " (pass --vae to decode)", file=sys.stderr)
+
+    report = _summarize(trace, recorder, model, bundle.checkpoint, arch, settings, class_ids, names, labels, seed,
                         num_per_class, num_buckets, spatial_steps)
     files = _plot_checkpoint(report, trace, images, labels, class_ids, names, out_dir)
     report["files"] = files + [JSON_FILE]
     report["out_dir"] = str(out_dir)
     (out_dir / JSON_FILE).write_text(json.dumps(report, indent=1))
     return report
-
-
-def _trace(model, recorder: RoutingRecorder, labels: torch.Tensor, settings, shape, seed: int, batch_size: int,
-           device) -> dict:
-    """Sample ``labels`` (in batches) and gather every step's routing into dense arrays.
-
-    Returns ``active`` (S, L, 2, Ns, T) int16 -- experts of token t of image n at step s in layer l, half 0 the
-    conditional copy, half 1 the unconditional one (-1 without guidance) --, ``counts`` (S, L, 2, E) int64 expert
-    loads of each half, ``timesteps`` (S,), ``latents`` (Ns, C, h, w).
-    """
-    import torch
-
-    from .sampling import make_generators, sample_latents
-
-    Ns = labels.shape[0]
-    guided = settings.cfg_scale != 1.0
-    T = (shape[1] // model.patch_size) * (shape[2] // model.patch_size)
-    S, L, E = settings.steps, recorder.num_layers, recorder.num_experts
-    active = torch.full((S, L, 2, Ns, T), -1, dtype=torch.int16)
-    counts = torch.zeros(S, L, 2, E, dtype=torch.int64)
-    timesteps: list[int] = []
-    latents = []
-    with torch.no_grad(), recorder:
-        for b0 in range(0, Ns, batch_size):
-            idx = list(range(b0, min(b0 + batch_size, Ns)))
-            B = len(idx)
-            rows = 2 * B if guided else B
-            recorder.clear()
-            recorder.split = B * T
-            seen: list[int] = []
-
-            def callback(i, t, x_in, seen=seen):
-                recorder.step = i
-                seen.append(int(t))
-
-            lat = sample_latents(model, labels[idx], make_generators(seed, idx), settings, shape, device=device,
-                                 callback=callback)
-            latents.append(lat.cpu())
-            if len(seen) != S:
-                raise AnalysisError(f"the {settings.sampler} scheduler ran {len(seen)} steps, expected {S}")
-            timesteps = seen
-            for l, calls in enumerate(recorder.calls):
-                if len(calls) != S:
-                    raise AnalysisError(f"MoE layer {l}: {len(calls)} router calls for {S} sampling steps "
-                                        "(the analysis expects one routed forward per step)")
-                for step, n, c in calls:
-                    if n.numel() != rows * T:
-                        raise AnalysisError(f"MoE layer {l}: {n.numel()} routed tokens, expected {rows} images x {T}")
-                    n = n.view(rows, T)
-                    active[step, l, 0, b0:b0 + B] = n[:B]
-                    if guided:
-                        active[step, l, 1, b0:b0 + B] = n[B:]
-                    counts[step, l] += c
-    return {"active": active, "counts": counts, "timesteps": timesteps, "latents": torch.cat(latents),
-            "guided": guided, "grid": (shape[1] // model.patch_size, shape[2] // model.patch_size)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,7 +274,10 @@ def _summarize(trace, recorder, model, ckpt, arch, settings, class_ids, names, l
         "moe_blocks": recorder.block_index,
         "tokens_per_image": T,
         "settings": {"sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
-                     "seed": seed, "classes": class_ids, "num_per_class": num_per_class, "guided": trace["guided"],
+                     "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+                     "time_shift": settings.time_shift, "model_calls": len(trace["timesteps"]),
+                     "seed": seed, "classes": class_ids, "num_per_class": num_per_class,
+                     "guided": any(trace["guided"]), "guided_calls": int(sum(trace["guided"])),
                      "counted": "both CFG halves (per layer / timestep / load); conditional half (per class, maps)"},
         "active_experts": {
             "mean": overall,
@@ -834,6 +681,8 @@ def plot_training_curves(run_dir: str | Path, out_dir: Optional[str | Path] = No
 # ---------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sampling.flags import add_checkpoint_arguments, add_class_arguments, add_sampler_arguments
+
     p = argparse.ArgumentParser(
         prog="dit-moe-analyze",
         description="Routing statistics and plots of an MoE DiT checkpoint (activated experts per layer, timestep, "
@@ -841,17 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--run", help="run directory: plot the training curves of its metrics.jsonl")
     p.add_argument("--out", help="output folder (default <run>/analysis, or <checkpoint>/analysis outside a run)")
-    p.add_argument("--classes", type=int, nargs="+", help="class ids (default: all when <= 10 classes, else 6 seeded)")
-    p.add_argument("--num-per-class", type=int, default=2)
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), help="default: the checkpoint's sample config")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--cfg-scale", type=float, help="default: the checkpoint's sample config")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_class_arguments(p, "default 2")
     p.add_argument("--spatial-steps", type=int, default=4, help="timesteps shown in the spatial maps")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--vae", help="decoder override (hub id or local folder) for the images under the maps")
+    add_checkpoint_arguments(p)
+    add_sampler_arguments(p, steps_help="; analyze: 50 unless given")
     return p
 
 
@@ -862,17 +704,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.checkpoint is None and args.run is None:
         parser.error("give a CHECKPOINT, --run DIR, or both")
-    errors: tuple[type[Exception], ...] = (AnalysisError, ConfigError, FileNotFoundError)
+    from .sampling.errors import SamplingError
+
+    errors: tuple[type[Exception], ...] = (AnalysisError, SamplingError, ConfigError, FileNotFoundError)
     if args.checkpoint is not None:
         from .checkpoint import CheckpointError
         errors += (CheckpointError,)
     try:
         if args.checkpoint is not None:
+            from .sampling.flags import flag_overrides
+
+            given = flag_overrides(args)
+            for key in ("steps", "seed", "batch_size", "num_per_class"):     # analysis defaults, not the checkpoint's
+                given.pop(key, None)
             report = analyze_checkpoint(
-                args.checkpoint, out_dir=args.out, classes=args.classes, num_per_class=args.num_per_class,
-                sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                args.checkpoint, out_dir=args.out, classes=args.classes,
+                num_per_class=2 if args.num_per_class is None else args.num_per_class,
+                num_steps=50 if args.steps is None else args.steps, seed=0 if args.seed is None else args.seed,
                 device=args.device, which=args.weights, spatial_steps=args.spatial_steps,
-                batch_size=args.batch_size, vae=args.vae)
+                batch_size=32 if args.batch_size is None else args.batch_size, vae=args.vae, **given)
             ae = report["active_experts"]
             print(f"{report['model']} ({report['routing']}): {ae['mean']:.3f} activated experts per token; per layer "
                   + " ".join(f"{v:.2f}" for v in ae["per_layer"]))

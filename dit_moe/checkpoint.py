@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, from_dict
+from .errors import DitMoeError
 
 FORMAT = "dit-moe/1"
 CONFIG_FILE = "config.json"
@@ -32,7 +33,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DitMoeError, RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model; the message names the path."""
 
 

@@ -1,14 +1,17 @@
 """Typed, validated experiment configuration.
 
-An experiment is five sections of plain data -- model, routing, data, train, sample -- read from YAML and
-overridden from the command line with dotted keys (``train.lr=2e-4``). Every key is checked against the
+An experiment is six sections of plain data -- model, routing, data, train, sample, diffusion -- read from YAML
+and overridden from the command line with dotted keys (``train.lr=2e-4``). Every key is checked against the
 dataclass fields: an unknown key or a value of the wrong type is a ``ConfigError`` that names the key and
-lists the valid ones, so a typo never silently falls back to a default.
+lists the valid ones, so a typo never silently falls back to a default. Ranges and rules between sections
+(a flow model has no learned sigma; a sampler must belong to the objective; routing against the model's experts)
+are checked in ONE pass, ``validate``, which ``load_config`` and the trainer run before any work is done.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +20,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import DitMoeError
 
-class ConfigError(ValueError):
+
+class ConfigError(DitMoeError, ValueError):
     """A configuration key or value is invalid; the message names it."""
 
 
@@ -36,6 +41,9 @@ class ModelConfig:
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     grad_checkpointing: bool = False
+    # Numerical conventions of imported models (the defaults are the original DiT's; see dit_moe/convert.py).
+    timestep_freq_shift: int = 0      # timestep frequencies exp(-ln(1e4) i / (half - shift)); diffusers' DiT: 1
+    mlp_norm_eps: float = 1e-6        # eps of the LayerNorm before each block's MLP; diffusers' DiT: its norm_eps
     # MoE experts (ignored for dense names)
     expert_kind: str = "gelu"         # gelu (DiT's MLP) | swiglu (DiT-MoE's experts)
     expert_hidden_ratio: float = 4.0  # expert hidden width = ratio * hidden_size (fine-grained experts: lower it)
@@ -103,17 +111,50 @@ class TrainConfig:
     keep_last: int = 2
     sample_every: int = 0            # 0: only at the end
     tracker: Optional[str] = "tensorboard"   # tensorboard | wandb | None
+    init_from: Optional[str] = None  # a fresh run (new optimizer, step 0) from this checkpoint's weights (not --resume)
+
+
+# Samplers of each objective (dit_moe/sampling/solvers.py) and their default number of steps. The first one listed is
+# the objective's default sampler.
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm"), "flow": ("euler", "heun", "sde")}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm": 25, "euler": 50, "heun": 25, "sde": 100}
+ALL_SAMPLERS = tuple(s for group in SAMPLERS.values() for s in group)
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddpm"            # ddpm | ddim | dpm
-    steps: int = 250
+    """How to sample: the checkpoint's defaults, and (with flags or keyword overrides) one sampling run.
+
+    ``None`` fields are resolved against the objective by ``dit_moe.sampling.resolve_settings``: sampler -> the
+    objective's default (ddpm: ddpm, flow: euler), steps -> the sampler's default (``DEFAULT_STEPS``), time_shift ->
+    ``diffusion.time_shift`` (flow samplers only). ``guidance_interval`` (lo, hi) applies guidance only at noise
+    levels lo <= t <= hi, t in [0, 1] as defined in dit_moe/diffusion/__init__.py (None: every step).
+    """
+    sampler: Optional[str] = None             # ddpm | ddim | dpm (objective ddpm); euler | heun | sde (objective flow)
+    steps: Optional[int] = None
     cfg_scale: float = 1.5
     guidance_channels: Optional[int] = None   # None: all latent channels; 3: DiT's legacy behaviour
+    clip_denoised: bool = False               # DDPM samplers: clamp the predicted x0 to [-1, 1] (pixel data)
+    guidance_interval: Optional[tuple[float, float]] = None
+    time_shift: Optional[float] = None        # flow samplers: t' = s t / (1 + (s - 1) t) of the time grid
     num_per_class: int = 8
     seed: int = 0
     batch_size: int = 64
+
+
+@dataclass
+class DiffusionConfig:
+    """The training objective (time convention and formulas: dit_moe/diffusion/__init__.py).
+
+    ddpm: DiT's epsilon prediction with the learned-variance hybrid loss (linear betas, T = 1000).
+    flow: rectified flow, x_t = (1 - t) x0 + t eps, velocity target eps - x0, MSE loss; t ~ uniform or
+    logit-normal (sigmoid of N(t_mean, t_std^2)), then shifted by time_shift (1.0 = no shift).
+    """
+    objective: str = "ddpm"           # ddpm | flow
+    t_sampling: str = "uniform"       # flow: uniform | logit_normal
+    t_mean: float = 0.0               # flow, logit_normal
+    t_std: float = 1.0                # flow, logit_normal
+    time_shift: float = 1.0           # flow: shift of the training t and of the default sampling grid
 
 
 @dataclass
@@ -123,6 +164,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)   # absent in old checkpoints: ddpm
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -141,6 +183,7 @@ class ExperimentConfig:
 
 CHOICES = {
     "model.expert_kind": ("gelu", "swiglu"),
+    "model.timestep_freq_shift": (0, 1),
     "routing.type": ("topk", "topp", "dtopp"),
     "routing.scope": ("global", "layer"),
     "routing.threshold_space": ("logit", "linear"),
@@ -149,8 +192,54 @@ CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.tracker": ("tensorboard", "wandb", None),
-    "sample.sampler": ("ddpm", "ddim", "dpm"),
+    "sample.sampler": ALL_SAMPLERS + (None,),
+    "diffusion.objective": tuple(SAMPLERS),
+    "diffusion.t_sampling": ("uniform", "logit_normal"),
 }
+
+
+def sample_problems(s: SampleConfig, objective: str, in_channels: Optional[int] = None,
+                    name=lambda field: field) -> list[str]:
+    """What is wrong with sampling settings ``s`` for a model of ``objective``: one line per problem, each starting
+    with ``name(field)`` (``sample.steps`` in a config file, ``--steps`` on the command line)."""
+    problems = []
+    if s.sampler is not None:
+        if s.sampler not in ALL_SAMPLERS:
+            problems.append(f"{name('sampler')}: {s.sampler!r} is not one of {ALL_SAMPLERS}")
+        elif s.sampler not in SAMPLERS[objective]:
+            problems.append(f"{name('sampler')}: {s.sampler!r} is a "
+                            f"{'flow' if objective == 'ddpm' else 'DDPM'} sampler; a model trained with diffusion."
+                            f"objective={objective} samples with {' | '.join(SAMPLERS[objective])}")
+    if s.steps is not None and not 1 <= s.steps <= 1000:
+        problems.append(f"{name('steps')}: steps={s.steps} must be in [1, 1000]")
+    if not (math.isfinite(s.cfg_scale) and s.cfg_scale >= 0):
+        problems.append(f"{name('cfg_scale')}: cfg_scale={s.cfg_scale} must be a finite number >= 0 (1 = no guidance)")
+    if s.guidance_channels is not None and (s.guidance_channels < 1 or (in_channels is not None
+                                                                       and s.guidance_channels > in_channels)):
+        problems.append(f"{name('guidance_channels')}: guidance_channels={s.guidance_channels} must be in "
+                        f"[1, {in_channels if in_channels is not None else 'C'}] (or None = all)")
+    if s.guidance_interval is not None:
+        lo, hi = s.guidance_interval
+        if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
+            problems.append(f"{name('guidance_interval')}: ({lo}, {hi}) must lie in [0, 1] (noise level t: 0 = data, "
+                            "1 = pure noise)")
+        elif lo > hi:
+            problems.append(f"{name('guidance_interval')}: LO={lo} > HI={hi}; give the interval as LO HI with LO <= HI")
+    if s.time_shift is not None:
+        if not (math.isfinite(s.time_shift) and s.time_shift > 0):
+            problems.append(f"{name('time_shift')}: time_shift={s.time_shift} must be a finite number > 0 (1 = none)")
+        elif objective != "flow":
+            problems.append(f"{name('time_shift')}: the time shift applies to flow samplers; this model was trained "
+                            f"with diffusion.objective={objective}")
+    if s.clip_denoised and objective != "ddpm":
+        problems.append(f"{name('clip_denoised')}: clipping the predicted x0 is a DDPM-sampler option; this model "
+                        f"was trained with diffusion.objective={objective}")
+    for key in ("num_per_class", "batch_size"):
+        if getattr(s, key) < 1:
+            problems.append(f"{name(key)}: {key}={getattr(s, key)} must be >= 1")
+    if s.seed < 0:
+        problems.append(f"{name('seed')}: seed={s.seed} must be >= 0")
+    return problems
 
 
 def _to_plain(x):
@@ -290,10 +379,155 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(d).__name__}")
     d = apply_overrides(d, overrides or [])
     try:
-        return ExperimentConfig.from_dict(d)
+        cfg = ExperimentConfig.from_dict(d)
+        validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path or 'defaults'}: {e}") from None
+    return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                 The validation pass (ranges, cross-section rules)
+# ---------------------------------------------------------------------------------------------------------
+
+def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None:
+    """Check every range and cross-section rule at once; one ``ConfigError`` lists every problem.
+
+    Types and choices are checked when the config is built (``from_dict``); this pass checks what a type cannot
+    say: ranges, finiteness, and rules that tie keys together (routing against the model name's E and K, the
+    batch against accumulation and processes, the run name against the run folder). It runs before any work or
+    any folder is created. ``num_processes``: the world size, when known (the global batch must divide by it).
+    Rules that need the data (shape, size) are checked when the data is opened.
+    """
+    problems: list[str] = []
+    bad = problems.append
+
+    # ----- every float must be a number: NaN and inf pass every range check below unnoticed
+    for section in dataclasses.fields(cfg):
+        sec = getattr(cfg, section.name)
+        for f in dataclasses.fields(sec):
+            values = getattr(sec, f.name)
+            for v in (values if isinstance(values, tuple) else (values,)):
+                if isinstance(v, float) and not math.isfinite(v):
+                    bad(f"{section.name}.{f.name}={values} must be a finite number")
+    nonfinite = {p.split("=")[0] for p in problems}
+
+    def check(key: str, ok: bool, message: str) -> None:
+        if key not in nonfinite and not ok:
+            bad(f"{key}={_value(cfg, key)!r} {message}")
+
+    m, r, d, t, s = cfg.model, cfg.routing, cfg.data, cfg.train, cfg.sample
+    # ----- model
+    arch = None
+    try:
+        from .registry import parse_name  # lazy: the registry imports torch
+
+        arch = parse_name(m.name)
+    except ConfigError as e:
+        bad(str(e))
+    check("model.input_size", m.input_size >= 1, "must be >= 1")
+    if arch is not None and m.input_size >= 1:
+        check("model.input_size", m.input_size % arch.patch_size == 0,
+              f"is not divisible by the patch size {arch.patch_size} of {m.name}")
+    check("model.in_channels", m.in_channels >= 1, "must be >= 1")
+    check("model.num_classes", m.num_classes >= 1, "must be >= 1")
+    check("model.class_dropout_prob", 0.0 <= m.class_dropout_prob < 1.0, "must be in [0, 1)")
+    check("model.expert_hidden_ratio", m.expert_hidden_ratio > 0, "must be > 0")
+    check("model.num_shared_experts", m.num_shared_experts >= 0, "must be >= 0")
+    check("model.shared_hidden_ratio", m.shared_hidden_ratio > 0, "must be > 0")
+    check("model.moe_every", m.moe_every >= 1, "must be >= 1")
+    if hasattr(m, "mlp_norm_eps"):
+        check("model.mlp_norm_eps", m.mlp_norm_eps > 0, "must be > 0")
+    if arch is not None and arch.is_moe:
+        check("model.moe_every", m.moe_every <= arch.depth, f"leaves no MoE block in the {arch.depth} blocks of {m.name}")
+
+    # ----- routing (ignored by dense models, which say so when training starts)
+    if arch is not None and arch.is_moe:
+        E = arch.num_experts
+        if r.target is not None:
+            check("routing.target", 1 <= r.target <= E,
+                  f"must be in [1, {E}] (every token takes at least one of the {E} experts of {m.name})")
+        if r.k_max is not None:
+            check("routing.k_max", 1 <= r.k_max <= E, f"must be in [1, {E}] or null (no cap)")
+        if r.type == "dtopp" and r.k_max is not None and 1 <= r.k_max <= E:
+            target = arch.top_k if r.target is None else r.target
+            check("routing.k_max", target <= r.k_max, f"is below the target of {target} experts per token")
+        check("routing.threshold", 0.0 < r.threshold <= 1.0, "must be in (0, 1]")
+        if "routing.p_min" not in nonfinite and "routing.p_max" not in nonfinite and not 0.0 < r.p_min <= r.p_max <= 1.0:
+            bad(f"routing.p_min={r.p_min}, routing.p_max={r.p_max} must satisfy 0 < p_min <= p_max <= 1")
+        if r.p0 is not None:
+            check("routing.p0", 0.0 < r.p0 <= 1.0, "must be in (0, 1] or null (derived from E and the target)")
+        for key in ("kp", "ki"):
+            if getattr(r, key) is not None:
+                check(f"routing.{key}", getattr(r, key) >= 0,
+                      "must be >= 0 (a negative gain drives the count away from the target)")
+        if r.kp == 0 and r.ki == 0:
+            bad("routing.kp=0 and routing.ki=0: the DTop-p controller needs a non-zero gain")
+        if r.drn_scale_max is not None:
+            check("routing.drn_scale_max", r.drn_scale_max > 0, "must be > 0 or null (derived from E, target, p_max)")
+        for key in ("lb_coef", "entropy_coef"):
+            if getattr(r, key) is not None:
+                check(f"routing.{key}", getattr(r, key) >= 0, "must be >= 0 or null (the router's default)")
+        check("routing.drn_log_scale_max", r.drn_log_scale_max >= 0, "must be >= 0 (0 fixes the DRN scale at 1)")
+        check("routing.default_beta", 0.0 <= r.default_beta < 1.0, "must be in [0, 1)")
+
+    # ----- data
+    check("data.num_workers", d.num_workers >= 0, "must be >= 0 (0: load in the training process)")
+    # data.path is checked when the data is opened: shipped configs leave it to the command line
+
+    # ----- train
+    check("train.run_dir", bool(t.run_dir), "must name a folder")
+    if t.run_name is not None:
+        name = t.run_name
+        check("train.run_name", name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name,
+              "must be one folder name inside train.run_dir (no '/', not '..' or empty)")
+    check("train.steps", t.steps >= 1, "must be >= 1")
+    check("train.grad_accum", t.grad_accum >= 1, "must be >= 1")
+    check("train.global_batch_size", t.global_batch_size >= 1, "must be >= 1")
+    if t.global_batch_size >= 1 and t.grad_accum >= 1:
+        denom = (num_processes or 1) * t.grad_accum
+        if t.global_batch_size % denom:
+            bad(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                + (f"num_processes ({num_processes}) x " if num_processes else "")
+                + f"train.grad_accum ({t.grad_accum}) = {denom}")
+    check("train.lr", t.lr > 0, "must be > 0")
+    check("train.weight_decay", t.weight_decay >= 0, "must be >= 0")
+    if "train.betas" not in nonfinite and not all(0.0 <= b < 1.0 for b in t.betas):
+        bad(f"train.betas={list(t.betas)} must both be in [0, 1)")
+    check("train.warmup_steps", t.warmup_steps >= 0, "must be >= 0")
+    check("train.min_lr_ratio", 0.0 <= t.min_lr_ratio <= 1.0, "must be in [0, 1]")
+    if t.grad_clip is not None:
+        check("train.grad_clip", t.grad_clip > 0, "must be > 0 or null (no clipping)")
+    check("train.ema_decay", 0.0 <= t.ema_decay < 1.0, "must be in [0, 1)")
+    check("train.log_every", t.log_every >= 1, "must be >= 1")
+    check("train.ckpt_every", t.ckpt_every >= 1, "must be >= 1")
+    check("train.keep_last", t.keep_last >= 1, "must be >= 1")
+    check("train.sample_every", t.sample_every >= 0, "must be >= 0 (0: only at the end)")
+
+    # ----- diffusion and sample
+    g = cfg.diffusion
+    if g.objective == "flow" and m.learn_sigma:
+        bad("diffusion.objective=flow needs model.learn_sigma=false (a flow model predicts a velocity with C output "
+            "channels; there is no variance to learn)")
+    check("diffusion.time_shift", g.time_shift > 0, "must be > 0 (1 = no shift)")
+    check("diffusion.t_std", g.t_std > 0, "must be > 0")
+    if g.objective != "flow":
+        flow_only = [f"diffusion.{k}={getattr(g, k)!r}" for k, v in (("t_sampling", "uniform"), ("t_mean", 0.0),
+                     ("t_std", 1.0), ("time_shift", 1.0)) if getattr(g, k) != v]
+        if flow_only:
+            bad(f"{', '.join(flow_only)} only apply to diffusion.objective=flow (the objective is {g.objective})")
+    problems.extend(p for p in sample_problems(s, g.objective, m.in_channels, name=lambda f: f"sample.{f}")
+                    if p.split(":")[0] not in nonfinite)
+
+    if problems:
+        raise ConfigError(f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}): "
+                          + "; ".join(problems))
+
+
+def _value(cfg: ExperimentConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)

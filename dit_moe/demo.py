@@ -1,7 +1,7 @@
 """`python -m dit_moe.demo` (what `make demo` runs): the whole pipeline on the embedded digits, one command.
 
 1. trains ``configs/default.yaml`` (a tiny DiT-MoE with DTop-p routing on sklearn's 8x8 digits; resumes if interrupted),
-2. samples a labelled grid of every class with the EMA weights,
+2. samples a labelled grid of every class with the EMA weights (the checkpoint's sampler unless flags say otherwise),
 3. draws class-balanced samples and computes the digits FID against the whole dataset (features: ``digits-cnn``, the
    penultimate layer of a small CNN trained on the digits, see dit_moe/features.py) and the accuracy of that classifier
    on the samples (does a sample show the digit it was asked for?),
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -35,21 +36,16 @@ def reference_digits(path: Path) -> Path:
     return path
 
 
-def sample_accuracy(samples_dir: Path) -> float:
-    """Fraction of samples that the digits classifier labels as the class they were sampled for."""
-    from .features import digits_classifier
-    from .sampling import read_samples
-
-    images, labels, _ = read_samples(samples_dir)
-    grey = torch.from_numpy(images).float().mean(dim=-1).unsqueeze(1) / 127.5 - 1.0    # (N, 1, H, W) in [-1, 1]
-    with torch.no_grad():
-        pred = digits_classifier()(grey).argmax(dim=1)
-    return (pred == torch.from_numpy(labels).long()).float().mean().item()
-
-
 def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, num_samples: int = 1000,
-             sampler: str = "ddpm", steps: int = 250) -> dict:
-    from . import analyze, sampling
+             sampling_overrides: dict | None = None, device: str | None = None, weights: str = "ema",
+             vae: str | None = None) -> dict:
+    """The four stages; returns what the demo prints (also written to ``demo.json`` in the run folder).
+
+    ``sampling_overrides``: SampleConfig fields (sampler, steps, cfg_scale, guidance_interval, ...) applied on top
+    of the trained checkpoint's sample section, for the grid, the FID samples and the analysis alike; ``weights``
+    and ``vae`` as in ``dit_moe.inference.load``.
+    """
+    from . import analyze, inference, sampling
     from .config import load_config
     from .training import train
 
@@ -57,45 +53,51 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
     cfg = load_config(config, overrides or [])
     if cfg.train.run_name is None:
         cfg.train.run_name = Path(config).stem
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    print(f"[1/4] training {cfg.model.name} ({cfg.routing.type}) for {cfg.train.steps} steps on {cfg.data.source} data")
+    print(f"[1/4] training {cfg.model.name} ({cfg.routing.type}, objective {cfg.diffusion.objective}) for "
+          f"{cfg.train.steps} steps on {cfg.data.source} data")
     t0 = time.time()
     run_dir = train(cfg, resume="latest")   # continues an interrupted demo; a finished one returns at once
     timings["train_s"] = round(time.time() - t0, 1)
 
-    print("[2/4] sampling a labelled grid with the EMA weights")
+    bundle = inference.load(run_dir, weights=weights, device=device, vae=vae)
+    settings = sampling.resolve_settings(dataclasses.replace(bundle.defaults, **(sampling_overrides or {})),
+                                         bundle.objective, bundle.shape[0], name=lambda f: sampling.FLAGS.get(f, f))
+    print(f"[2/4] sampling a labelled grid with the EMA weights ({settings.sampler} {settings.steps} steps, "
+          f"cfg {settings.cfg_scale})")
     t0 = time.time()
-    grid = run_dir / "samples.png"
-    common = ["--sampler", sampler, "--steps", str(steps), "--device", "cpu" if not torch.cuda.is_available() else "cuda"]
-    if sampling.main([str(run_dir), "--out", str(grid), *common]) != 0:
-        raise RuntimeError("sampling the grid failed (see the message above)")
+    grid = sampling.sample_grid(bundle, settings, out=run_dir / "samples.png")
+    timings["grid_s"] = round(time.time() - t0, 1)
 
     print(f"[3/4] {num_samples} class-balanced samples -> digits FID and classifier accuracy")
+    t0 = time.time()
     reference = reference_digits(run_dir / "reference" / "digits.npz")
     samples_dir = run_dir / "samples"
-    if sampling.main([str(run_dir), "--num-samples", str(num_samples), "--out", str(samples_dir), "--batch-size", "250",
-                      "--fid", str(reference), "--extractor", "digits-cnn", "--no-progress", *common]) != 0:
-        raise RuntimeError("bulk sampling / FID failed (see the message above)")
-    metrics = json.loads((samples_dir / "metrics.json").read_text())
-    values = metrics.get("metrics", metrics)
-    fid = values.get("fid", values.get("frechet_inception_distance"))
-    accuracy = sample_accuracy(samples_dir)
+    bulk = settings if "batch_size" in (sampling_overrides or {}) else dataclasses.replace(settings, batch_size=250)
+    summary = sampling.generate(
+        bundle, samples_dir, bulk, num_samples=num_samples, progress=False,
+        evaluation=sampling.Evaluation(reference=str(reference), extractor="digits-cnn", classifier_accuracy=True))
     timings["sample_eval_s"] = round(time.time() - t0, 1)
 
     print("[4/4] routing analysis and training curves")
     t0 = time.time()
-    analysis = analyze.analyze_checkpoint(run_dir)
+    analysis = analyze.analyze_checkpoint(run_dir, device=device, which=weights, vae=vae, sampler=settings.sampler,
+                                          cfg_scale=settings.cfg_scale, guidance_interval=settings.guidance_interval,
+                                          time_shift=settings.time_shift)
     curves = analyze.plot_training_curves(run_dir)
     timings["analysis_s"] = round(time.time() - t0, 1)
 
     result = {
         "run_dir": str(run_dir),
-        "model": cfg.model.name, "routing": cfg.routing.type,
-        "fid_digits": fid, "classifier_accuracy": accuracy,
-        "cfg_scale": cfg.sample.cfg_scale, "sampler": sampler, "steps": steps, "num_samples": num_samples,
+        "model": cfg.model.name, "routing": cfg.routing.type, "objective": cfg.diffusion.objective,
+        "fid_digits": summary["metrics"].get("fid"), "classifier_accuracy": summary["classifier_accuracy"],
+        "cfg_scale": settings.cfg_scale, "sampler": settings.sampler, "steps": settings.steps,
+        "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+        "num_samples": num_samples, "sample_images_per_second": summary.get("images_per_second"),
         "files": {
-            "grid": str(grid), "samples": str(samples_dir / "samples.npz"), "metrics": str(samples_dir / "metrics.json"),
-            "metrics_log": str(run_dir / "metrics.jsonl"),
+            "grid": grid["path"], "samples": str(samples_dir / sampling.NPZ_FILE),
+            "metrics": str(samples_dir / sampling.METRICS_FILE), "metrics_log": str(run_dir / "metrics.jsonl"),
             "analysis": [str(f) for f in analysis.get("files", [])], "curves": [str(f) for f in curves],
         },
         "timings": timings,
@@ -105,19 +107,22 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
 
 
 def main(argv=None) -> int:
+    from .sampling.flags import add_checkpoint_arguments, add_sampler_arguments, flag_overrides
+
     parser = argparse.ArgumentParser(prog="python -m dit_moe.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--num-samples", type=int, default=1000, help="samples for the FID and the accuracy")
-    parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm"))
-    parser.add_argument("--steps", type=int, default=250)
+    add_checkpoint_arguments(parser)
+    add_sampler_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .training import TrainingError
 
     try:
-        r = run_demo(args.config, args.overrides, args.num_samples, args.sampler, args.steps)
+        r = run_demo(args.config, args.overrides, args.num_samples, flag_overrides(args), args.device, args.weights,
+                     args.vae)
     except (ConfigError, CheckpointError, TrainingError, RuntimeError, ValueError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
@@ -125,8 +130,8 @@ def main(argv=None) -> int:
     print("\n=== dit-moe demo finished ===")
     print(f"run folder:           {r['run_dir']}")
     print(f"samples grid:         {f['grid']}")
-    print(f"digits FID:           {r['fid_digits']:.3f}  ({r['num_samples']} samples, {r['sampler']} {r['steps']} steps, "
-          f"cfg {r['cfg_scale']}, features: digits-cnn)")
+    print(f"digits FID:           {r['fid_digits']:.3f}  ({r['num_samples']} samples, {r['objective']} model, "
+          f"{r['sampler']} {r['steps']} steps, cfg {r['cfg_scale']}, features: digits-cnn)")
     print(f"classifier accuracy:  {100 * r['classifier_accuracy']:.1f}% of samples show the requested digit")
     print(f"metrics:              {f['metrics']}")
     print(f"training log:         {f['metrics_log']}")

@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import struct
 import sys
 import tempfile
@@ -51,6 +52,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from dit_moe import features as _features  # noqa: F401  (registers "digits-cnn" and "test-tiny")
+from dit_moe.errors import DitMoeError, EvaluationError, InputNotFoundError, cli_error
 
 METRICS = ("fid", "isc", "kid", "prc")
 DEFAULT_EXTRACTOR = "inception-v3-compat"
@@ -76,7 +78,7 @@ class ImageTensorDataset(Dataset):
     def __init__(self, images_uint8):
         images = torch.as_tensor(images_uint8)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(
+            raise EvaluationError(
                 f"ImageTensorDataset expects uint8 images (N, 3, H, W), got dtype {images.dtype} shape "
                 f"{tuple(images.shape)} (NHWC arrays need .permute(0, 3, 1, 2))")
         self.images = images
@@ -95,19 +97,22 @@ class ImageFolderDataset(Dataset):
         self.root = root
         self.files = _list_images(root, recursive)
         if not self.files:
-            raise ValueError(f"image folder {root} contains no {'/'.join(IMAGE_EXTENSIONS)} files"
+            raise EvaluationError(f"image folder {root} contains no {'/'.join(IMAGE_EXTENSIONS)} files"
                              f"{'' if recursive else ' (not searched recursively)'}")
-        with Image.open(self.files[0]) as img:
+        with _open_image(self.files[0]) as img:
             self.resolution = (img.height, img.width)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as img:
-            img = img.convert("RGB")
+        with _open_image(self.files[i]) as img:
+            try:
+                img = img.convert("RGB")
+            except OSError as e:    # truncated or corrupt data after a readable header
+                raise EvaluationError(f"image {self.files[i]} cannot be decoded ({e})") from e
         if (img.height, img.width) != self.resolution:
-            raise ValueError(f"image {self.files[i]} is {img.height}x{img.width}, but {self.files[0]} in the same "
+            raise EvaluationError(f"image {self.files[i]} is {img.height}x{img.width}, but {self.files[0]} in the same "
                              f"folder is {self.resolution[0]}x{self.resolution[1]}")
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
@@ -124,10 +129,10 @@ class NpzImageDataset(Dataset):
         self.path, self.key = path, key
         shape, dtype = _npz_member_header(path, key)
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-            raise ValueError(f"{path}: {key} must be uint8 images (N, H, W, 3) like ADM sample batches, got dtype "
+            raise EvaluationError(f"{path}: {key} must be uint8 images (N, H, W, 3) like ADM sample batches, got dtype "
                              f"{dtype} shape {shape}")
         if shape[0] == 0:
-            raise ValueError(f"{path}: {key} holds no images")
+            raise EvaluationError(f"{path}: {key} holds no images")
         self.shape = shape
         self.resolution = tuple(shape[1:3])
         self._array = None
@@ -148,6 +153,13 @@ class NpzImageDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.array[i].transpose(2, 0, 1)))
 
 
+def _open_image(path):
+    try:
+        return Image.open(path)
+    except OSError as e:            # PIL's UnidentifiedImageError is an OSError
+        raise EvaluationError(f"image {path} cannot be read ({e})") from e
+
+
 def _list_images(root, recursive):
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -165,7 +177,7 @@ def _read_npy_header(fh, where):
     elif version == (2, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
     else:
-        raise ValueError(f"{where}: unsupported .npy format version {version}")
+        raise EvaluationError(f"{where}: unsupported .npy format version {version}")
     return shape, fortran, dtype
 
 
@@ -226,22 +238,22 @@ def open_source(src, recursive=False):
         raise TypeError(f"expected a path or a torch Dataset of uint8 (3, H, W) images, got {type(src).__name__}")
     path = os.fspath(src)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise InputNotFoundError(f"{path} does not exist")
     if os.path.isdir(path):
         ds = ImageFolderDataset(path, recursive=recursive)
         return Source(path, "folder", dataset=ds, resolution=ds.resolution, num_images=len(ds))
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is neither a folder of images nor an .npz file")
+        raise EvaluationError(f"{path} is neither a folder of images nor an .npz file")
     return _npz_source(path)
 
 
 def _dataset_source(ds):
     if len(ds) == 0:
-        raise ValueError(f"{type(ds).__name__} holds no images")
+        raise EvaluationError(f"{type(ds).__name__} holds no images")
     first = ds[0]
     if not torch.is_tensor(first) or first.dtype != torch.uint8 or first.dim() != 3 or first.shape[0] != 3:
         got = f"dtype {first.dtype} shape {tuple(first.shape)}" if torch.is_tensor(first) else type(first).__name__
-        raise ValueError(f"{type(ds).__name__} must yield uint8 (3, H, W) tensors, its first item is {got}")
+        raise EvaluationError(f"{type(ds).__name__} must yield uint8 (3, H, W) tensors, its first item is {got}")
     name = f"{type(ds).__name__}({len(ds)} images)"
     return Source(name, "dataset", dataset=ds, resolution=tuple(first.shape[1:]), num_images=len(ds))
 
@@ -252,9 +264,9 @@ def _npz_source(path):
             keys = set(npz.files)
             stats = _read_stats(path, npz) if {"mu", "sigma"} <= keys else None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable .npz ({e})") from e
+        raise EvaluationError(f"{path} is not a readable .npz ({e})") from e
     if "arr_0" not in keys and stats is None:
-        raise ValueError(f"{path} has neither images (arr_0) nor statistics (mu and sigma); keys: {sorted(keys)}")
+        raise EvaluationError(f"{path} has neither images (arr_0) nor statistics (mu and sigma); keys: {sorted(keys)}")
     dataset = NpzImageDataset(path) if "arr_0" in keys else None
     kind = "npz+stats" if dataset is not None and stats is not None else ("npz" if dataset is not None else "stats")
     resolution = dataset.resolution if dataset is not None else stats["resolution"]
@@ -272,7 +284,7 @@ def _read_stats(path, npz):
     _check_stats_shapes(mu, sigma, path)
     if "format" in npz.files:  # written by save_stats
         if str(npz["format"][()]) != STATS_FORMAT:
-            raise ValueError(f"{path}: unknown statistics format {str(npz['format'][()])!r}, expected {STATS_FORMAT!r}")
+            raise EvaluationError(f"{path}: unknown statistics format {str(npz['format'][()])!r}, expected {STATS_FORMAT!r}")
         res = tuple(int(r) for r in npz["resolution"])
         return {
             "mu": mu, "sigma": sigma,
@@ -290,16 +302,16 @@ def _read_stats(path, npz):
 
 def _check_stats_shapes(mu, sigma, where):
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{where}: statistics must be mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+        raise EvaluationError(f"{where}: statistics must be mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{where}: statistics contain NaN or inf")
+        raise EvaluationError(f"{where}: statistics contain NaN or inf")
 
 
 def feature_statistics(feats):
     """(N, D) features -> (mu (D,), sigma (D, D)), float64, unbiased covariance as in every FID code."""
     f = np.asarray(feats, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"FID statistics need at least 2 feature vectors (N, D), got shape {f.shape}")
+        raise EvaluationError(f"FID statistics need at least 2 feature vectors (N, D), got shape {f.shape}")
     return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
@@ -318,13 +330,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     _check_stats_shapes(mu1, sigma1, "frechet_distance (first)")
     _check_stats_shapes(mu2, sigma2, "frechet_distance (second)")
     if mu1.shape != mu2.shape:
-        raise ValueError(f"frechet_distance: feature dimensions differ, {mu1.shape[0]} vs {mu2.shape[0]}")
+        raise EvaluationError(f"frechet_distance: feature dimensions differ, {mu1.shape[0]} vs {mu2.shape[0]}")
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
     sqrt_sigma1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
     m = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    fid = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    # The distance is a sum of squares, >= 0; for (nearly) identical statistics the traces cancel and float64
+    # round-off of order eps * tr(sigma) is left, of either sign. A negative value is that round-off, never a
+    # distance (a genuinely wrong result would be far larger than the eigenvalues' rounding), so report 0.
+    return max(fid, 0.0)
 
 
 def _write_npz_atomic(path, **arrays):
@@ -357,9 +373,9 @@ def _resolve_device(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device}")
+        raise EvaluationError(f"device must be cpu or cuda, got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
+        raise EvaluationError(f"device {device} requested but CUDA is not available")
     return device
 
 
@@ -372,7 +388,7 @@ def _on_device(device):
 
 def _check_extractor(name):
     if name not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(f"unknown feature extractor {name!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+        raise EvaluationError(f"unknown feature extractor {name!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
     return FEATURE_EXTRACTORS_REGISTRY[name]
 
 
@@ -383,10 +399,21 @@ def make_extractor(name, layers, inception_weights=None, device=None, verbose=Fa
     kwargs = {"verbose": verbose}
     if inception_weights is not None:
         if not os.path.isfile(inception_weights):
-            raise FileNotFoundError(f"feature extractor weights {inception_weights} do not exist")
+            raise InputNotFoundError(f"feature extractor weights {inception_weights} do not exist")
         kwargs["feature_extractor_weights_path"] = os.fspath(inception_weights)
-    with _on_device(device):
-        return create_feature_extractor(name, sorted(set(layers)), cuda=device.type == "cuda", **kwargs)
+    try:
+        with _on_device(device):
+            return create_feature_extractor(name, sorted(set(layers)), cuda=device.type == "cuda", **kwargs)
+    except OSError as e:
+        if inception_weights is not None:
+            raise EvaluationError(f"feature extractor weights {inception_weights} cannot be read ({e})") from e
+        # urllib's errors are OSErrors: torch-fidelity could not download the weights
+        raise EvaluationError(f"feature extractor {name}: its weights could not be downloaded ({e}); on an offline "
+                              "machine pass --inception-weights PATH") from e
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        if inception_weights is None:
+            raise
+        raise EvaluationError(f"feature extractor weights {inception_weights} cannot be loaded ({e})") from e
 
 
 @torch.no_grad()
@@ -459,7 +486,7 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if not metrics or unknown:
-        raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {metrics}")
+        raise EvaluationError(f"metrics must be a non-empty subset of {METRICS}, got {metrics}")
     cls = _check_extractor(feature_extractor)
     layer_for = {m: cls.get_default_feature_layer_for_metric(m) for m in metrics}
     device = _resolve_device(device)
@@ -467,7 +494,7 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
     gen = open_source(generated, recursive=recursive)
     ref = open_source(reference, recursive=recursive)
     if gen.resolution and ref.resolution and tuple(gen.resolution) != tuple(ref.resolution):
-        raise ValueError(f"resolution mismatch: generated {gen.name} is {gen.resolution[0]}x{gen.resolution[1]}, "
+        raise EvaluationError(f"resolution mismatch: generated {gen.name} is {gen.resolution[0]}x{gen.resolution[1]}, "
                          f"reference {ref.name} is {ref.resolution[0]}x{ref.resolution[1]}")
 
     # ---- plan: statistics where they fit the extractor, features otherwise
@@ -480,7 +507,7 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
             if not plan.fid_from_stats[role]:
                 if not src.has_images:
                     s = src.stats
-                    raise ValueError(
+                    raise EvaluationError(
                         f"{role} {src.name} holds FID statistics of {s['feature_extractor']}/{s['feature_layer']} "
                         f"but no images; cannot evaluate with extractor {feature_extractor}")
                 plan.layers[role].add(fid_layer)
@@ -488,7 +515,7 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
             if m not in metrics or (m == "isc" and role == "reference"):
                 continue
             if not src.has_images:
-                raise ValueError(f"{m} needs {role} images, but {src.name} holds only statistics (mu/sigma); "
+                raise EvaluationError(f"{m} needs {role} images, but {src.name} holds only statistics (mu/sigma); "
                                  f"precision/recall and KID need the reference images, e.g. arr_0 of an ADM "
                                  f"reference batch")
             plan.layers[role].add(layer_for[m])
@@ -498,7 +525,7 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
         for m in metrics:
             uses_images = {"fid": plan.fid_from_stats.get(role) is False, "isc": role == "generated"}.get(m, True)
             if uses_images and len(src.dataset) < minimum[m]:
-                raise ValueError(f"{m} needs at least {minimum[m]} {role} images, {src.name} has {len(src.dataset)}")
+                raise EvaluationError(f"{m} needs at least {minimum[m]} {role} images, {src.name} has {len(src.dataset)}")
 
     # ---- one pass of the extractor per side
     feats = {}
@@ -605,7 +632,7 @@ def save_stats(source, path, *, feature_extractor=DEFAULT_EXTRACTOR, inception_w
     layer = cls.get_default_feature_layer_for_metric("fid")
     src = open_source(source, recursive=recursive)
     if not src.has_images:
-        raise ValueError(f"{src.name} holds statistics, not images; nothing to compute")
+        raise EvaluationError(f"{src.name} holds statistics, not images; nothing to compute")
     device = _resolve_device(device)
     extractor = make_extractor(feature_extractor, [layer], inception_weights, device, verbose)
     workers = _default_workers(src, device) if num_workers is None else num_workers
@@ -620,7 +647,7 @@ def load_stats(path):
     """Statistics of a save_stats file or an ADM reference batch, as the dict save_stats returns."""
     src = open_source(path)
     if src.stats is None:
-        raise ValueError(f"{path} holds no statistics (mu and sigma)")
+        raise EvaluationError(f"{path} holds no statistics (mu and sigma)")
     return src.stats
 
 
@@ -697,24 +724,50 @@ def main(argv=None):
                                                                           "statistics to this .npz")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-
-    settings = None
-    if args.settings:
-        with open(args.settings) as fh:
-            settings = json.load(fh)
-        if not isinstance(settings, dict):
-            p.error(f"--settings {args.settings} must hold a JSON object")
-    result = compute_metrics(
-        args.generated, args.reference, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
-        feature_extractor=args.extractor, inception_weights=args.inception_weights, batch_size=args.batch_size,
-        device=args.device, settings=settings, verbose=args.verbose, kid_subset_size=args.kid_subset_size,
-        num_workers=args.num_workers, recursive=args.recursive, save_reference_stats=args.save_ref_stats)
-    if args.out:
-        write_metrics_json(args.out, result["metrics"], result["settings"])
+    try:
+        settings = _check_cli(args)
+        result = compute_metrics(
+            args.generated, args.reference, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+            feature_extractor=args.extractor, inception_weights=args.inception_weights, batch_size=args.batch_size,
+            device=args.device, settings=settings, verbose=args.verbose, kid_subset_size=args.kid_subset_size,
+            num_workers=args.num_workers, recursive=args.recursive, save_reference_stats=args.save_ref_stats)
+        if args.out:
+            write_metrics_json(args.out, result["metrics"], result["settings"])
+    except DitMoeError as e:
+        return cli_error("evaluate", e)
     for key, value in result["metrics"].items():
         print(f"{key}: {value:.6g}" if isinstance(value, float) and math.isfinite(value) else f"{key}: {value}")
     return 0
 
+
+def _check_cli(args):
+    """Every command-line value checked before any work; returns the --settings object (or None)."""
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
+                             ("--kid-subset-size", args.kid_subset_size, 1)):
+        if value is not None and value < low:
+            raise EvaluationError(f"{flag} {value} must be >= {low}")
+    for flag, path in (("--out", args.out), ("--save-ref-stats", args.save_ref_stats)):
+        if path is not None and os.path.isdir(path):
+            raise EvaluationError(f"{flag} {path} is a folder; give a file name")
+        parent = os.path.dirname(os.path.abspath(path)) if path is not None else None
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise EvaluationError(f"{flag} {path}: {parent} is a file, not a folder")
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        raise InputNotFoundError(f"--inception-weights {args.inception_weights} does not exist")
+    if not args.settings:
+        return None
+    if not os.path.isfile(args.settings):
+        raise InputNotFoundError(f"--settings {args.settings} does not exist")
+    try:
+        with open(args.settings) as fh:
+            settings = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"--settings {args.settings} is not valid JSON ({e})") from e
+    if not isinstance(settings, dict):
+        raise EvaluationError(f"--settings {args.settings} must hold a JSON object")
+    return settings
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from .data.latents import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from .errors import DataError, DitMoeError, InputNotFoundError, cli_error
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,29 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
+# 16-bit grey images: Pillow's convert("RGB") clips their 0..65535 values at 255 (almost everything turns white).
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded image -> 8-bit RGB; 16-bit grey is rescaled (x * 255 / 65535), not clipped.
+
+    Modes whose range is not known (32-bit integer "I", float "F") are refused rather than guessed.
+    """
+    if image.mode in _SIXTEEN_BIT:
+        arr = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round(arr * (255.0 / 65535.0)).astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
+        raise DataError(f"{image.mode!r} images ({'32-bit integer' if image.mode == 'I' else 'float'} grey) have no "
+                        "known value range; convert them to 8 or 16 bits per channel")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """Decode, convert to RGB, centre-crop: float32 (3, size, size) in [-1, 1]. Raises on a broken file."""
     with Image.open(path) as image:
-        image = image.convert("RGB")  # forces the full decode, so truncation shows up here
+        image.load()                  # forces the full decode, so truncation shows up here
+        image = to_rgb(image)
     return image_to_tensor(center_crop(image, size))
 
 
@@ -78,10 +99,10 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], list[str], list[int
     """Class folder -> (class_names, files relative to root (posix, sorted), labels)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+        raise InputNotFoundError(f"image folder {str(root)!r} does not exist")
     class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_names:
-        raise ValueError(f"image folder {str(root)!r} has no class sub-folders (expected root/<class_name>/<image>)")
+        raise DataError(f"image folder {str(root)!r} has no class sub-folders (expected root/<class_name>/<image>)")
     files, labels = [], []
     for label, name in enumerate(class_names):
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
@@ -91,7 +112,7 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], list[str], list[int
                     files.append(Path(dirpath, fn).relative_to(root).as_posix())
                     labels.append(label)
     if not files:
-        raise ValueError(f"image folder {str(root)!r} holds no image files with extensions {IMAGE_EXTENSIONS}")
+        raise DataError(f"image folder {str(root)!r} holds no image files with extensions {IMAGE_EXTENSIONS}")
     order = sorted(range(len(files)), key=files.__getitem__)
     return class_names, [files[i] for i in order], [labels[i] for i in order]
 
@@ -144,7 +165,11 @@ def encode_pair(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def load_vae(vae: str, device: torch.device | str = "cpu"):
     from diffusers.models import AutoencoderKL
 
-    model = AutoencoderKL.from_pretrained(vae).to(device).eval()
+    try:
+        model = AutoencoderKL.from_pretrained(vae)
+    except OSError as e:   # diffusers/huggingface_hub: no such folder or hub id, offline, missing files
+        raise InputNotFoundError(f"--vae {vae!r}: cannot load an AutoencoderKL ({str(e).splitlines()[0]})") from e
+    model = model.to(device).eval()
     model.requires_grad_(False)
     return model
 
@@ -174,15 +199,15 @@ def _shard_files(path: Path, vae: str, image_size: int) -> list[str]:
             meta = f.metadata() or {}
             n = f.get_slice("label").get_shape()[0]
     except SafetensorError as e:
-        raise ValueError(f"existing shard {str(path)!r} is not a readable safetensors file ({e}); remove it and re-run") from e
+        raise DataError(f"existing shard {str(path)!r} is not a readable safetensors file ({e}); remove it and re-run") from e
     if meta.get("vae") != vae or meta.get("image_size") != str(image_size):
-        raise ValueError(
+        raise DataError(
             f"existing shard {str(path)!r} was extracted with vae={meta.get('vae')!r}, image_size={meta.get('image_size')}; "
             f"this run asks for vae={vae!r}, image_size={image_size}. Use another output directory."
         )
     files = json.loads(meta["files"])
     if len(files) != n:
-        raise ValueError(f"existing shard {str(path)!r} lists {len(files)} files in its metadata but holds {n} rows")
+        raise DataError(f"existing shard {str(path)!r} lists {len(files)} files in its metadata but holds {n} rows")
     return files
 
 
@@ -207,7 +232,7 @@ def _check_compatible(old: dict, new: dict, path: Path) -> None:
         if was != now:
             if key == "class_names":  # a thousand names say less than the first difference
                 was, now = _first_difference(was or [], now)
-            raise ValueError(
+            raise DataError(
                 f"{str(path)!r} was written for {key}={was!r}, this run has {key}={now!r}; "
                 "use another output directory (or delete the old one) instead of mixing extractions"
             )
@@ -240,9 +265,11 @@ def extract_latents(
     from tqdm.auto import tqdm
 
     if image_size <= 0 or image_size % 8:
-        raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
+        raise DataError(f"image_size must be a positive multiple of 8, got {image_size}")
     if batch_size <= 0 or shard_size <= 0:
-        raise ValueError(f"batch_size and shard_size must be positive, got {batch_size}, {shard_size}")
+        raise DataError(f"batch_size and shard_size must be positive, got {batch_size}, {shard_size}")
+    if num_workers < 0 or (limit is not None and limit < 1):
+        raise DataError(f"num_workers must be >= 0 and limit >= 1 (or None), got {num_workers}, {limit}")
     accelerator = accelerator or Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     root, out = Path(image_root).resolve(), Path(output)
@@ -252,7 +279,7 @@ def extract_latents(
     model = load_vae(vae, accelerator.device)
     down = 2 ** (len(model.config.block_out_channels) - 1)
     if image_size % down:
-        raise ValueError(f"image_size {image_size} is not divisible by the VAE's downsampling factor {down}")
+        raise DataError(f"image_size {image_size} is not divisible by the VAE's downsampling factor {down}")
     C, h = model.config.latent_channels, image_size // down
     header = {
         "format": FORMAT_NAME,
@@ -274,7 +301,7 @@ def extract_latents(
     if manifest_path.is_file():
         _check_compatible(json.loads(manifest_path.read_text()), header, manifest_path)
     elif out.is_dir() and _existing_shards(out):
-        raise ValueError(f"{str(out)!r} holds shards but no {MANIFEST_NAME}; refusing to guess what they are")
+        raise DataError(f"{str(out)!r} holds shards but no {MANIFEST_NAME}; refusing to guess what they are")
     done: set[str] = set()
     next_counter = 0
     if out.is_dir():
@@ -282,7 +309,7 @@ def extract_latents(
             shard_files = _shard_files(p, vae_id, image_size)
             dup = done.intersection(shard_files)
             if dup:
-                raise ValueError(f"shard {str(p)!r} repeats {len(dup)} already extracted file(s), e.g. {sorted(dup)[0]!r}")
+                raise DataError(f"shard {str(p)!r} repeats {len(dup)} already extracted file(s), e.g. {sorted(dup)[0]!r}")
             done.update(shard_files)
             r, c = map(int, SHARD_RE.match(p.name).groups())
             if r == rank:
@@ -377,7 +404,7 @@ def extract_latents(
     return json.loads(manifest_path.read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dit-moe-extract",
         description="Encode an ImageNet-style class folder into VAE latent shards (posterior mean/std of each image and its flip).",
@@ -392,17 +419,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="stop after this many images per process (resume later)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extract_latents(
-        args.image_root,
-        args.output,
-        vae=args.vae,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        num_workers=args.num_workers,
-        limit=args.limit,
-    )
+    try:
+        extract_latents(
+            args.image_root,
+            args.output,
+            vae=args.vae,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            num_workers=args.num_workers,
+            limit=args.limit,
+        )
+    except DitMoeError as e:
+        return cli_error("extract", e)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

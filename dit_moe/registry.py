@@ -63,6 +63,16 @@ def parse_name(name: str) -> Arch:
     return Arch(name, m["size"], depth, hidden, heads, int(m["patch"]), experts, k)
 
 
+def dense_name(depth: int, hidden_size: int, patch_size: int) -> str:
+    """The dense registry name with this depth, width and patch size (for weights read from elsewhere)."""
+    for size, (d, h, _) in SIZES.items():
+        if (d, h) == (depth, hidden_size) and patch_size in PATCHES:
+            return f"DiT-{size}/{patch_size}"
+    known = ", ".join(f"{s} {d}x{h}" for s, (d, h, _) in SIZES.items())
+    raise ConfigError(f"no registry model has depth {depth}, hidden size {hidden_size} and patch size {patch_size} "
+                      f"(sizes: {known}; patches: {', '.join(map(str, PATCHES))})")
+
+
 def model_names() -> list[str]:
     names = [f"DiT-{s}/{p}" for s in SIZES for p in PATCHES]
     return names + [f"{n}-{suffix}" for n in list(names) for suffix in LISTED_MOE]
@@ -119,6 +129,8 @@ def build_model(spec: Union[str, ModelConfig, ExperimentConfig], routing: Option
         learn_sigma=model_cfg.learn_sigma,
         mlp_factory=mlp_factory,
         grad_checkpointing=model_cfg.grad_checkpointing,
+        timestep_freq_shift=model_cfg.timestep_freq_shift,
+        mlp_norm_eps=model_cfg.mlp_norm_eps,
     )
     if controller is not None:
         model.routing_controller = controller

@@ -9,7 +9,7 @@ settings and an output folder. Every (arm, seed) is an ordinary training run in 
 2. a routing probe of the final (raw, non-EMA) weights on fixed noisy training inputs: the activated experts per
    (token, layer) at the end of training, mean and per-token standard deviation (the training log only keeps the
    per-step means);
-3. ``num_samples`` class-balanced EMA samples through ``dit_moe.sampling`` (same sampler, steps, CFG and seed for
+3. ``num_samples`` class-balanced EMA samples through ``dit_moe.sampling.generate`` (same sampler, steps, CFG and seed for
    every arm), their FID against the reference and, on the digits, the share the digits classifier recognises;
    ``samples.json`` gives the activated experts per token during sampling (both CFG halves);
 4. ``dit_moe.analyze``: routing plots of the final checkpoint on its sampling trajectory (whose per-token standard
@@ -192,8 +192,9 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
         evaluation = from_dict(EvalSpec, ev, "evaluation")
     except ConfigError as e:
         raise StudyError(f"{where}: {e}") from None
-    if evaluation.sampler not in ("ddpm", "ddim", "dpm"):
-        raise StudyError(f"{where}: evaluation.sampler {evaluation.sampler!r} is not one of ddpm, ddim, dpm")
+    from .config import ALL_SAMPLERS
+    if evaluation.sampler not in ALL_SAMPLERS:
+        raise StudyError(f"{where}: evaluation.sampler {evaluation.sampler!r} is not one of {', '.join(ALL_SAMPLERS)}")
     for key in ("steps", "num_samples", "batch_size", "analysis_per_class", "probe_batches", "probe_batch_size",
                 "timing_steps"):
         if getattr(evaluation, key) < 1:
@@ -268,88 +269,27 @@ def arm_config(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[
 # ---------------------------------------------------------------------------------------------------------
 
 def _probe_inputs(cfg: ExperimentConfig, num_batches: int, batch_size: int, seed: int = 1234):
-    """Fixed noisy training inputs [(x_t (B, C, H, W), t (B,), y (B,))]: the same for every arm and seed."""
-    import torch
+    """Fixed noisy training inputs of the arm's objective (dit_moe.sampling.trace.probe_inputs)."""
+    from .sampling.trace import probe_inputs
 
-    from .data import build_dataset
-    from .diffusion import GaussianDiffusion
-
-    dataset, _ = build_dataset(cfg.data.source, cfg.data.path, flip=False)
-    diffusion = GaussianDiffusion(learn_sigma=cfg.model.learn_sigma)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(num_batches):
-        idx = torch.randint(0, len(dataset), (batch_size,), generator=g).tolist()
-        items = [dataset[i] for i in idx]
-        x0 = torch.stack([x for x, _ in items]).float()
-        y = torch.stack([torch.as_tensor(y) for _, y in items]).long()
-        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        out.append((diffusion.q_sample(x0, t, noise), t, y))
-    return out
+    return probe_inputs(cfg, num_batches, batch_size, seed)
 
 
 def probe_routing(model, inputs) -> dict:
-    """Activated experts per (token, layer) of ``model`` on ``inputs`` (eval mode, no CFG): mean, std, per layer.
+    """Activated experts per (token, layer) on fixed inputs (dit_moe.sampling.trace.probe_routing)."""
+    from .sampling.trace import probe_routing as probe
 
-    The per-token standard deviation is over all (token, layer) pairs, as ``dit_moe.analyze`` reports it for
-    the sampling trajectory.
-    """
-    import torch
-
-    from .analyze import RoutingRecorder
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    recorder = RoutingRecorder(model)
-    try:
-        with torch.no_grad(), recorder:
-            for x, t, y in inputs:
-                model(x.to(device), t.to(device), y.to(device))
-    finally:
-        model.train(was_training)
-    per_layer = [torch.cat([c[1] for c in calls]).to(torch.float64) for calls in recorder.calls]
-    allv = torch.cat(per_layer)
-    return {"mean": float(allv.mean()), "std": float(allv.std(unbiased=False)),
-            "per_layer": [float(v.mean()) for v in per_layer], "tokens": int(allv.numel())}
+    return probe(model, inputs)
 
 
 def calibrate_topp_threshold(model, inputs, target: float, iters: int = 30, tol: float = 1e-3) -> dict:
-    """Bisect one global top-p threshold (set on every Top-p router) so that ``inputs`` activate ``target`` experts.
-
-    Activated experts grow with p (a token keeps experts while the mass before them is below p), so bisection on
-    [1e-4, 1] converges. Returns {threshold, measured, per_layer, std}.
-    """
-    from .models.routers.topp import TopPRouter
-
-    routers = [m for m in model.modules() if isinstance(m, TopPRouter)]
-    if not routers:
-        raise StudyError("calibration needs a model with fixed Top-p routers (routing.type=topp)")
-    original = [r.threshold for r in routers]
-
-    def measure(p: float) -> dict:
-        for r in routers:
-            r.threshold = p
-        return probe_routing(model, inputs)
+    """The global Top-p threshold that activates ``target`` experts on ``inputs`` (dit_moe.sampling.trace)."""
+    from .sampling.trace import calibrate_topp_threshold as calibrate
 
     try:
-        lo, hi = 1e-4, 1.0
-        best = None
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            m = measure(mid)
-            if best is None or abs(m["mean"] - target) < abs(best[1]["mean"] - target):
-                best = (mid, m)
-            if abs(m["mean"] - target) <= tol:
-                break
-            lo, hi = (mid, hi) if m["mean"] < target else (lo, mid)
-    finally:
-        for r, p in zip(routers, original):
-            r.threshold = p
-    p, m = best
-    return {"threshold": round(p, 6), "measured": m["mean"], "std": m["std"], "per_layer": m["per_layer"],
-            "target": target}
+        return calibrate(model, inputs, target, iters=iters, tol=tol)
+    except ValueError as e:
+        raise StudyError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,8 +336,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     """Train, probe, sample, evaluate and analyse one (arm, seed); returns (and writes) its study_result.json."""
     import torch
 
-    from . import analyze, sampling
-    from .checkpoint import build_from_checkpoint
+    from . import analyze, inference, sampling
     from .training import run_dir_of, train
 
     is_main = state is None or state.is_main_process
@@ -422,7 +361,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     probe = None
     if is_main:
         t0 = time.time()
-        model, _ = build_from_checkpoint(ckpt, which="model", device=device)
+        model = inference.load(ckpt, weights="model", device=device).model
         if model.arch.is_moe:
             probe = probe_routing(model, _probe_inputs(cfg, ev.probe_batches, ev.probe_batch_size))
         del model
@@ -430,29 +369,26 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
 
     t0 = time.time()
     samples_dir = run_dir / "study_samples"
-    reference = _reference_path(study)
-    args = [str(ckpt), "--num-samples", str(ev.num_samples), "--out", str(samples_dir),
-            "--sampler", ev.sampler, "--steps", str(ev.steps), "--cfg-scale", str(ev.cfg_scale),
-            "--seed", str(ev.seed), "--batch-size", str(ev.batch_size), "--no-progress",
-            "--fid", str(reference), "--extractor", ev.extractor]
-    if state is None or state.num_processes == 1:
-        args += ["--device", device]     # several processes: each takes its own device from Accelerate
-    if ev.inception_weights:
-        args += ["--inception-weights", ev.inception_weights]
-    if sampling.main(args) != 0:
-        raise StudyError(f"{run_dir}: sampling / FID failed (see the message above); command: sample.py {' '.join(args)}")
+    several = state is not None and state.num_processes > 1
+    # Several processes: each samples on its own device (Accelerate's); one process: the study's device.
+    evaluation = sampling.Evaluation(reference=str(_reference_path(study)), extractor=ev.extractor,
+                                     inception_weights=ev.inception_weights,
+                                     classifier_accuracy=ev.classifier_accuracy)
+    try:
+        bundle = inference.load(ckpt, weights="ema", device=state.device if several else device)
+        settings = dataclasses.replace(bundle.defaults, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
+                                       seed=ev.seed, batch_size=ev.batch_size)
+        info = sampling.generate(bundle, samples_dir, settings, num_samples=ev.num_samples, state=state,
+                                 progress=False, evaluation=evaluation)
+    except (sampling.SamplingError, inference.InferenceError, OSError) as e:
+        raise StudyError(f"{run_dir}: sampling / FID failed: {e}") from e
+    del bundle
     timings["sample_fid_s"] = round(time.time() - t0, 1)
     barrier()
     if not is_main:
         return {}
-
-    _, _, info = sampling.read_samples(samples_dir)
-    metrics = json.loads((samples_dir / sampling.METRICS_FILE).read_text())
-    values = metrics.get("metrics", metrics)
-    accuracy = None
-    if ev.classifier_accuracy:
-        from .demo import sample_accuracy
-        accuracy = sample_accuracy(samples_dir)
+    values = info["metrics"]
+    accuracy = info["classifier_accuracy"]
 
     t0 = time.time()
     analysis = None
@@ -490,7 +426,7 @@ def summarize_run(run_dir: Path, ev: EvalSpec) -> dict:
 
     rows = read_metrics(run_dir)
     steps = [r["step"] for r in rows]
-    diff = [r["mse"] + r["vb"] for r in rows]             # the diffusion loss, without router aux terms
+    diff = [r["mse"] + r.get("vb", 0.0) for r in rows]    # the diffusion loss, without router aux terms (flow: no vb)
     n_final = max(1, int(round(ev.final_fraction * len(rows))))
     n_active = max(1, int(round(ev.active_fraction * len(rows))))
     active = [r.get("active_experts") for r in rows]
@@ -514,7 +450,7 @@ def summarize_run(run_dir: Path, ev: EvalSpec) -> dict:
 
 def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
     """The calibrated threshold of ``arm`` (cached in <output>/calibration.json)."""
-    from .checkpoint import build_from_checkpoint
+    from .inference import load
     from .training import run_dir_of
 
     file = study.output / CALIBRATION_FILE
@@ -528,7 +464,7 @@ def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
     entry = cache.get(key)
     if entry and entry.get("source_checkpoint") == str(ckpt) and entry.get("target") == arm.calibrate_target:
         return entry["threshold"]
-    model, _ = build_from_checkpoint(ckpt, which="model", device=device)
+    model = load(ckpt, weights="model", device=device).model
     ev = study.evaluation
     result = calibrate_topp_threshold(model, _probe_inputs(src_cfg, ev.probe_batches, ev.probe_batch_size),
                                       arm.calibrate_target)

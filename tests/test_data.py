@@ -195,7 +195,7 @@ def test_build_dataset_and_info(tmp_path):
         build_dataset("builtin", "mnist")
     with pytest.raises(ValueError, match="'images'"):
         build_dataset("images", "x")
-    with pytest.raises(ValueError, match="needs a path"):
+    with pytest.raises(ValueError, match="data.path must name the extraction folder"):
         build_dataset("latents")
     with pytest.raises(FileNotFoundError, match="nope"):
         build_dataset("latents", str(tmp_path / "nope"))

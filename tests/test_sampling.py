@@ -14,7 +14,7 @@ from dit_moe.data import DataInfo, load_decoder
 from dit_moe.diffusion import GaussianDiffusion, linspace_timesteps
 from dit_moe.registry import build_model
 from dit_moe.sampling import (
-    SAMPLERS, SamplerSettings, SamplingError, calibrate_threshold, main, make_generators, make_labels,
+    DDPM_SAMPLERS as SAMPLERS, SamplerSettings, SamplingError, calibrate_threshold, main, make_generators, make_labels,
     make_scheduler, read_samples, sample_latents, sample_to_folder, scheduler_step_kwargs,
 )
 
@@ -124,7 +124,7 @@ def test_ddim_clip_pitfall_guard(monkeypatch):
     x, y = draw(model, settings)
     assert model.accuracy(x, y) > 0.95
     # Negative control: the same run with use_clipped_model_output left at its default (False).
-    monkeypatch.setattr(sampling, "scheduler_step_kwargs", lambda s: {"eta": 0.0})
+    monkeypatch.setattr(sampling.solvers, "scheduler_step_kwargs", lambda s: {"eta": 0.0})
     bad, _ = draw(model, settings)
     assert model.accuracy(bad, y) < 0.5
 

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .builtin import BUILTIN_DATASETS, DigitsDataset
 from .latents import LatentDataset
 
@@ -82,7 +83,7 @@ def build_dataset(source: str, path: str | None = None, flip: bool | None = None
     if source == "builtin":
         name = path or "digits"
         if name not in BUILTIN_DATASETS:
-            raise ValueError(f"unknown builtin dataset {name!r}; available: {sorted(BUILTIN_DATASETS)}")
+            raise DataError(f"unknown builtin dataset {name!r}; available: {sorted(BUILTIN_DATASETS)}")
         cls = BUILTIN_DATASETS[name]
         dataset = cls() if flip is None else cls(flip=flip)
         info = DataInfo(
@@ -98,12 +99,13 @@ def build_dataset(source: str, path: str | None = None, flip: bool | None = None
         return dataset, info
     if source == "latents":
         if not path:
-            raise ValueError("data source 'latents' needs a path: the directory written by `python -m dit_moe.extract`")
+            raise DataError("data.path must name the extraction folder (written by `python -m dit_moe.extract`) "
+                            "when data.source=latents")
         dataset = LatentDataset(path) if flip is None else LatentDataset(path, flip=flip)
         m = dataset.manifest
         C, h, w = dataset.latent_shape
         if h != w:
-            raise ValueError(f"{os.path.join(path, 'manifest.json')!r}: latent_shape {[C, h, w]} is not square")
+            raise DataError(f"{os.path.join(path, 'manifest.json')!r}: latent_shape {[C, h, w]} is not square")
         info = DataInfo(
             num_classes=dataset.num_classes,
             in_channels=C,
@@ -116,7 +118,7 @@ def build_dataset(source: str, path: str | None = None, flip: bool | None = None
             shift_factor=dataset.shift_factor,
         )
         return dataset, info
-    raise ValueError(f"unknown data source {source!r}; expected one of {list(SOURCES)}")
+    raise DataError(f"unknown data source {source!r}; expected one of {list(SOURCES)}")
 
 
 def load_decoder(info: DataInfo, device: str | torch.device = "cpu", vae: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -143,7 +145,7 @@ def load_decoder(info: DataInfo, device: str | torch.device = "cpu", vae: str | 
     model = AutoencoderKL.from_pretrained(vae).to(device).eval()
     model.requires_grad_(False)
     if model.config.latent_channels != info.in_channels:
-        raise ValueError(
+        raise DataError(
             f"VAE {vae!r} has {model.config.latent_channels} latent channels, the data has {info.in_channels}"
         )
 

@@ -50,6 +50,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
+from ..errors import DataError, InputNotFoundError
+
 FORMAT_NAME = "dit-moe-latents"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -59,35 +61,35 @@ def read_manifest(root: str | os.PathLike) -> dict:
     """Load and check the keys of `root/manifest.json`; errors name the file and the key."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"latent directory {str(root)!r} does not exist")
+        raise InputNotFoundError(f"latent directory {str(root)!r} does not exist")
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{str(path)!r} not found: {str(root)!r} is not a latent directory (create one with `python -m dit_moe.extract`)"
         )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+        raise DataError(f"{str(path)!r} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, found {type(manifest).__name__}")
+        raise DataError(f"{str(path)!r} must hold a JSON object, found {type(manifest).__name__}")
     if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{str(path)!r}: key 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise DataError(f"{str(path)!r}: key 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(
+        raise DataError(
             f"{str(path)!r}: key 'version' is {manifest.get('version')!r}, this code reads version {FORMAT_VERSION}"
         )
     required = ("vae", "scaling_factor", "image_size", "latent_shape", "class_names", "num_classes", "shards", "num_images")
     for key in required:
         if key not in manifest:
-            raise ValueError(f"{str(path)!r}: missing key {key!r}")
+            raise DataError(f"{str(path)!r}: missing key {key!r}")
     if len(manifest["latent_shape"]) != 3:
-        raise ValueError(f"{str(path)!r}: key 'latent_shape' must be [C, h, w], found {manifest['latent_shape']!r}")
+        raise DataError(f"{str(path)!r}: key 'latent_shape' must be [C, h, w], found {manifest['latent_shape']!r}")
     for k, shard in enumerate(manifest["shards"]):
         if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("count"), int)):
-            raise ValueError(f"{str(path)!r}: shards[{k}] must be {{'file': str, 'count': int}}, found {shard!r}")
+            raise DataError(f"{str(path)!r}: shards[{k}] must be {{'file': str, 'count': int}}, found {shard!r}")
     if manifest["num_classes"] != len(manifest["class_names"]):
-        raise ValueError(
+        raise DataError(
             f"{str(path)!r}: num_classes={manifest['num_classes']} but class_names has {len(manifest['class_names'])} entries"
         )
     return manifest
@@ -110,7 +112,7 @@ class LatentDataset(Dataset):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         if not self.manifest.get("complete", False):
-            raise ValueError(
+            raise DataError(
                 f"{str(self.root / MANIFEST_NAME)!r} says the extraction is incomplete; "
                 "re-run `python -m dit_moe.extract` with the same arguments to finish it"
             )
@@ -122,7 +124,7 @@ class LatentDataset(Dataset):
         self.shard_files = [self.root / s["file"] for s in self.manifest["shards"]]
         counts = [int(s["count"]) for s in self.manifest["shards"]]
         if sum(counts) != self.manifest["num_images"]:
-            raise ValueError(
+            raise DataError(
                 f"{str(self.root / MANIFEST_NAME)!r}: num_images={self.manifest['num_images']} "
                 f"but the shard counts sum to {sum(counts)}"
             )
@@ -139,28 +141,37 @@ class LatentDataset(Dataset):
     def _validate(self, path: Path, count: int) -> torch.Tensor:
         """Check one shard's header (and its labels) against the manifest; returns its labels (n,)."""
         if not path.is_file():
-            raise FileNotFoundError(f"shard {str(path)!r} listed in the manifest is missing")
+            raise InputNotFoundError(f"shard {str(path)!r} listed in the manifest is missing")
         C, h, w = self.latent_shape
         expected = {"mean": ((count, 2, C, h, w), "F16"), "std": ((count, 2, C, h, w), "F16"), "label": ((count,), "I64")}
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = set(f.keys())
                 if keys != set(expected):
-                    raise ValueError(f"shard {str(path)!r} holds tensors {sorted(keys)}, expected {sorted(expected)}")
+                    raise DataError(f"shard {str(path)!r} holds tensors {sorted(keys)}, expected {sorted(expected)}")
                 for key, (shape, dtype) in expected.items():
                     sl = f.get_slice(key)
                     if tuple(sl.get_shape()) != shape or sl.get_dtype() != dtype:
-                        raise ValueError(
+                        raise DataError(
                             f"shard {str(path)!r}: tensor {key!r} is {sl.get_dtype()} {tuple(sl.get_shape())}, "
                             f"the manifest implies {dtype} {shape}"
                         )
                 labels = f.get_tensor("label")
         except SafetensorError as e:
-            raise ValueError(f"shard {str(path)!r} is not a readable safetensors file: {e}") from e
+            raise DataError(f"shard {str(path)!r} is not a readable safetensors file: {e}") from e
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
-            raise ValueError(f"shard {str(path)!r}: label {bad} outside [0, {self.num_classes})")
+            raise DataError(f"shard {str(path)!r}: label {bad} outside [0, {self.num_classes})")
         return labels
+
+    def nonfinite_shards(self) -> list[Path]:
+        """The shards whose stored moments hold NaN or inf (reads every shard: call it when something is wrong)."""
+        bad = []
+        for path in self.shard_files:
+            with safe_open(str(path), framework="pt") as f:
+                if any(not torch.isfinite(f.get_tensor(key)).all() for key in ("mean", "std")):
+                    bad.append(path)
+        return bad
 
     def _handle(self, k: int):
         # A memory map opened before a fork must not be shared with DataLoader workers: reopen per process.

@@ -28,22 +28,32 @@ def modulate(x, shift, scale):
 #################################################################################
 
 class TimestepEmbedder(nn.Module):
-    """Scalar timesteps -> (N, D): sinusoidal frequencies followed by a two-layer MLP."""
+    """Scalar timesteps -> (N, D): sinusoidal frequencies followed by a two-layer MLP.
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    ``freq_shift`` selects the frequency convention: the original DiT (0) uses exp(-ln(max_period) i / half),
+    diffusers' DiT (``Timesteps(downscale_freq_shift=1)``, 1) exp(-ln(max_period) i / (half - 1)), i < half.
+    Weights trained under one convention compute a different function under the other (model.timestep_freq_shift).
+    """
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
+        if freq_shift not in (0, 1):
+            raise ValueError(f"timestep freq_shift must be 0 (DiT) or 1 (diffusers), got {freq_shift}")
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
 
     @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        """(N,) possibly fractional timesteps -> (N, dim) [cos | sin] features, frequencies from 1 to 1/max_period."""
+    def timestep_embedding(t, dim, max_period=10000, freq_shift: int = 0):
+        """(N,) possibly fractional timesteps -> (N, dim) [cos | sin] features, frequencies from 1 down to
+        1/max_period (reached with freq_shift=1; 1/max_period^((half-1)/half) with 0), computed in fp32."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(exponent / (half - freq_shift))
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -51,7 +61,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t):
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
@@ -115,11 +125,11 @@ def dense_mlp(hidden_size: int, mlp_ratio: float = 4.0) -> nn.Module:
 class DiTBlock(nn.Module):
     """A transformer block with adaLN-Zero conditioning: six modulation vectors from c, gates initialised to zero."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp: nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, mlp: nn.Module, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = mlp
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
@@ -165,6 +175,8 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         mlp_factory: Optional[Callable[[int], nn.Module]] = None,
         grad_checkpointing: bool = False,
+        timestep_freq_shift: int = 0,
+        mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -178,7 +190,7 @@ class DiT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding: a buffer, rebuilt from the geometry, so it is not trained nor stored.
@@ -187,7 +199,7 @@ class DiT(nn.Module):
 
         if mlp_factory is None:
             mlp_factory = lambda i: dense_mlp(hidden_size, mlp_ratio)  # noqa: E731
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_factory(i)) for i in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_factory(i), mlp_norm_eps) for i in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -240,11 +252,13 @@ class DiT(nn.Module):
         return self.unpatchify(x)
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float, guidance_channels: Optional[int] = None):
-        """Classifier-free guidance: eps = eps_null + s * (eps_cond - eps_null), in ONE batched forward.
+        """Classifier-free guidance: out = out_null + s * (out_cond - out_null), in ONE batched forward.
 
-        Guidance applies to all latent channels by default. ``guidance_channels=3`` reproduces DiT's legacy
-        sampler (guidance on the first three of four channels, a GLIDE leftover) for parity with published numbers.
-        Channels not guided, and the learned-variance channels, take the conditional prediction.
+        The same combination for an epsilon (DDPM) and a velocity (flow) prediction. Guidance applies to all latent
+        channels by default. ``guidance_channels=3`` reproduces DiT's legacy sampler (guidance on the first three of
+        four channels, a GLIDE leftover) for parity with published numbers. Channels not guided, and the
+        learned-variance channels, take the conditional prediction. ``cfg_scale == 1`` runs the conditional half
+        only; the sampling loop (dit_moe/sampling/loop.py) passes 1 outside the guidance interval.
         """
         if cfg_scale == 1.0:
             return self.forward(x, t, y)

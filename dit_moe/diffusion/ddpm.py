@@ -1,4 +1,4 @@
-"""Gaussian diffusion: the DiT training objective and the ADM reference sampling step.
+"""Gaussian diffusion (objective ``ddpm``): the DiT training objective and the ADM reference sampling step.
 
 The recipe is DiT's (itself improved-DDPM's "hybrid" objective):
 
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DDPMObjective",
     "mean_flat",
     "normal_kl",
     "approx_standard_normal_cdf",
@@ -357,3 +358,55 @@ class GaussianDiffusion:
             vb = torch.zeros(x0.shape[0], dtype=compute_dtype, device=x0.device)
         mse = mean_flat((noise_c - eps) ** 2)
         return dict(loss=mse + vb, mse=mse, vb=vb)
+
+
+#################################################################################
+#                        The Objective interface for DDPM                       #
+#################################################################################
+
+class DDPMObjective:
+    """``diffusion.objective=ddpm`` behind the interface of dit_moe/diffusion/__init__.py.
+
+    The network is conditioned on the integer training timestep (0 .. T-1, T = 1000, 999 = pure noise). Its noise
+    level on the common scale is t = sigma / (1 + sigma), sigma = sqrt((1 - abar) / abar): the time of the linear
+    (flow) path with the same signal-to-noise ratio.
+    """
+
+    kind = "ddpm"
+
+    def __init__(self, learn_sigma: bool = True):
+        self.diffusion = GaussianDiffusion(learn_sigma=learn_sigma)
+        self.learn_sigma = learn_sigma
+        self.num_train_timesteps = self.diffusion.num_train_timesteps
+        abar = self.diffusion.alphas_cumprod                     # float64, un-respaced
+        sigma = ((1.0 - abar) / abar).sqrt()
+        self._levels = sigma / (1.0 + sigma)                     # (T,) float64, increasing with the timestep
+
+    def training_losses(self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor) -> Dict[str, Tensor]:
+        """DiT's hybrid loss of x0 (N, C, H, W): {loss, mse, vb}, each (N,).
+
+        Draws from torch's global RNG in the order the trainer always has: timesteps (randint), then noise
+        (randn_like), then whatever model_fn draws (label dropout) -- so old runs keep their numerics.
+        """
+        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
+        return self.diffusion.training_losses(model_fn, x0, t)
+
+    def draw(self, x0: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """A noisy training input of x0 (N, C, H, W): (x_t, network timesteps (N,) long, noise); timesteps first."""
+        T, n = self.diffusion.num_timesteps, x0.shape[0]
+        if generator is None:
+            t = torch.randint(0, T, (n,), device=x0.device)
+            noise = torch.randn_like(x0)
+        else:  # a CPU generator: draw on the CPU, then move (the same numbers on every device)
+            t = torch.randint(0, T, (n,), generator=generator).to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        return self.diffusion.q_sample(x0, t, noise), t, noise
+
+    def noise_level(self, timesteps) -> Tensor:
+        """Network timesteps (N,) (or a number) -> noise level t in [0, 1] (float64), see the class docstring."""
+        idx = torch.as_tensor(timesteps).round().long().clamp(0, self.num_train_timesteps - 1)
+        return self._levels[idx]
+
+    def describe(self) -> str:
+        loss = " + learned variance (hybrid loss mse + vb)" if self.learn_sigma else " (mse)"
+        return f"objective ddpm: epsilon prediction{loss}, linear betas 1e-4..0.02, T = {self.num_train_timesteps}"

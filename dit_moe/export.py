@@ -1,0 +1,88 @@
+"""Export a dense dit-moe checkpoint to diffusers: a DiTTransformer2DModel and, with a VAE, a DiTPipeline folder.
+
+    python -m dit_moe.convert CHECKPOINT --to diffusers --out DIR [--weights ema|model] [--vae VAE] [--transformer-only]
+
+The inverse of the diffusers import (dit_moe/layouts.py): q, k, v split from the fused qkv, one copy of the
+timestep/label embedders per block, the MLP LayerNorm eps as the config's norm_eps. MoE models are refused (one
+dense MLP per diffusers block). diffusers hard-codes the timestep convention ``downscale_freq_shift=1``: a model
+with DiT's convention (model.timestep_freq_shift=0, everything trained here and every DiT file) exports with a
+warning that diffusers computes a slightly different function; a model imported from diffusers round-trips exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import build_from_checkpoint
+from .convert import ConvertError, one_line, prepare_output
+from .layouts import dit_moe_to_diffusers
+
+__all__ = ["export_diffusers"]
+
+# DiT's training schedule (linear betas, T = 1000), for the scheduler of the exported DiTPipeline.
+DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "transformer" / "config.json").is_file()
+
+
+def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, which: str = "ema",
+                     vae: Optional[str] = None, transformer_only: bool = False, overwrite: bool = False) -> Path:
+    """A dense dit-moe checkpoint -> ``out/transformer`` (DiTTransformer2DModel) and, with a VAE, a whole
+    DiTPipeline folder (``vae/``, ``scheduler/``, ``model_index.json`` with the class names)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    out = prepare_output(out, overwrite, _is_diffusers_folder, "diffusers folder")
+    model, ckpt = build_from_checkpoint(checkpoint, which=which)
+    cfg = ckpt.model_config
+    if model.arch.is_moe:
+        raise ConvertError(f"{ckpt.path}: {cfg.name} is an MoE model; diffusers' DiTTransformer2DModel has one dense "
+                           "GELU MLP per block, so only dense models export")
+    if cfg.class_dropout_prob <= 0:
+        raise ConvertError(f"{ckpt.path}: trained without label dropout (no null class row); diffusers' DiT always has one")
+    if cfg.timestep_freq_shift != 1:
+        print(f"warning: {cfg.name} uses DiT's timestep frequencies (model.timestep_freq_shift=0); diffusers hard-codes "
+              "downscale_freq_shift=1, so the exported model computes a slightly different function", file=sys.stderr)
+    state, config = dit_moe_to_diffusers(model.state_dict(), cfg)
+    transformer = DiTTransformer2DModel(**config)
+    transformer.load_state_dict(state, strict=True)
+    info = ckpt.data_info or {}
+    vae = vae or info.get("vae")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if transformer_only or vae is None:
+            transformer.save_pretrained(tmp / "transformer")
+        else:
+            try:
+                autoencoder = AutoencoderKL.from_pretrained(vae)
+            except (OSError, ValueError) as e:
+                raise ConvertError(f"cannot load the VAE {vae!r} for the pipeline ({one_line(e)}); pass --vae DIR "
+                                   "(a local AutoencoderKL) or --transformer-only") from None
+            scheduler = DDIMScheduler(**DIT_SCHEDULE, clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=True)
+            DiTPipeline(transformer=transformer, vae=autoencoder, scheduler=scheduler).save_pretrained(tmp)
+            index = json.loads((tmp / "model_index.json").read_text())
+            names = info.get("class_names") or [str(i) for i in range(cfg.num_classes)]
+            index["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

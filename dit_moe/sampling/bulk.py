@@ -1,0 +1,338 @@
+"""Bulk sampling for FID: N samples into a folder (PNGs + ADM-style npz + samples.json), resumable, multi-process.
+
+``sample_to_folder`` writes ``DIR/images/000123.png`` (named by global index; each process writes its own indices),
+then the main process writes the ADM-style ``DIR/samples.npz`` (``arr_0`` uint8 NHWC, ``labels``) and
+``DIR/samples.json`` (settings, throughput, activated experts per timestep bucket). ``evaluate_samples`` computes the
+metrics of such a folder against a reference (``DIR/metrics.json``) and, on the digits, the share of samples the
+digits classifier recognises. ``generate`` does both for an inference bundle and returns everything as one dict:
+sample.py, the demo and the study read their numbers from that return value.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..config import SampleConfig
+from .experts import ActiveExpertMeter, has_routers, summarize_active
+from .loop import make_generators, make_labels, sample_latents
+from .settings import SamplingError, objective_for, resolve_settings
+
+__all__ = ["IMAGE_DIR", "NPZ_FILE", "INFO_FILE", "STATS_DIR", "METRICS_FILE", "SingleProcess", "existing_indices",
+           "write_npz", "read_samples", "sample_to_folder", "Evaluation", "evaluate_samples", "sample_accuracy",
+           "generate"]
+
+IMAGE_DIR = "images"
+NPZ_FILE = "samples.npz"
+INFO_FILE = "samples.json"
+STATS_DIR = "stats"
+METRICS_FILE = "metrics.json"
+
+
+class SingleProcess:
+    """The process-group interface ``sample_to_folder`` needs, for one process (Accelerate's PartialState fits too)."""
+    process_index = 0
+    num_processes = 1
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _image_path(out_dir: Path, index: int) -> Path:
+    return out_dir / IMAGE_DIR / f"{index:06d}.png"
+
+
+def existing_indices(out_dir: Path, num_samples: int) -> set[int]:
+    """Indices in [0, num_samples) whose PNG is on disk (files are renamed into place, so they are complete)."""
+    found = set()
+    folder = Path(out_dir) / IMAGE_DIR
+    if folder.is_dir():
+        for f in folder.iterdir():
+            if f.suffix == ".png" and f.stem.isdigit() and int(f.stem) < num_samples:
+                found.add(int(f.stem))
+    return found
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path: Path, data: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2)
+    _atomic_write(path, write)
+
+
+def _save_png(path: Path, image_hwc: np.ndarray) -> None:
+    from PIL import Image
+
+    _atomic_write(path, lambda tmp: Image.fromarray(image_hwc, "RGB").save(tmp, format="PNG"))
+
+
+def write_npz(out_dir: Path, labels: np.ndarray) -> Path:
+    """Pack ``images/*.png`` into the ADM reference layout: ``arr_0`` uint8 (N, H, W, 3) and ``labels`` (N,).
+
+    The image array is filled through a memory-mapped .npy file and stored uncompressed in the zip, so 50K
+    ImageNet-sized samples never need to sit in RAM at once.
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    n = len(labels)
+    first = np.asarray(Image.open(_image_path(out_dir, 0)).convert("RGB"))
+    path = out_dir / NPZ_FILE
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".npz-") as tmp:
+        arr_file = os.path.join(tmp, "arr_0.npy")
+        arr = np.lib.format.open_memmap(arr_file, mode="w+", dtype=np.uint8, shape=(n,) + first.shape)
+        for i in range(n):
+            img = np.asarray(Image.open(_image_path(out_dir, i)).convert("RGB"))
+            if img.shape != first.shape:
+                raise SamplingError(f"{_image_path(out_dir, i)}: image of shape {img.shape}, expected {first.shape}")
+            arr[i] = img
+        arr.flush()
+        del arr
+        lab_file = os.path.join(tmp, "labels.npy")
+        np.save(lab_file, np.asarray(labels, dtype=np.int64))
+
+        def write(target):
+            with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                zf.write(arr_file, "arr_0.npy")
+                zf.write(lab_file, "labels.npy")
+        _atomic_write(path, write)
+    return path
+
+
+def read_samples(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(images uint8 (N, H, W, 3), labels (N,), samples.json) of a finished bulk run."""
+    out_dir = Path(out_dir)
+    with np.load(out_dir / NPZ_FILE) as data:
+        images, labels = data["arr_0"], data["labels"]
+    return images, labels, json.loads((out_dir / INFO_FILE).read_text())
+
+
+def _check_resume(out_dir: Path, settings: dict) -> Optional[dict]:
+    """The existing samples.json of ``out_dir`` if its settings match ours; an error naming the differences if not."""
+    info_file = out_dir / INFO_FILE
+    if not info_file.exists():
+        return None
+    try:
+        old = json.loads(info_file.read_text())
+    except json.JSONDecodeError as e:
+        raise SamplingError(f"{info_file}: unreadable ({e}); remove it or choose another --out") from e
+    theirs = old.get("settings", {})
+    diff = [f"{k}: {theirs.get(k)!r} on disk vs {settings.get(k)!r} now"
+            for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)]
+    if diff:
+        raise SamplingError(f"{out_dir}: holds samples made with other settings, refusing to mix them "
+                            f"({'; '.join(diff)}); choose another output folder")
+    return old
+
+
+def sample_to_folder(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    *,
+    settings: SampleConfig,
+    num_samples: int,
+    num_classes: int,
+    shape: tuple[int, int, int],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    seed: int = 0,
+    labels: str = "balanced",
+    batch_size: int = 64,
+    state=None,
+    run_info: Optional[dict] = None,
+    extra: Optional[dict] = None,
+    progress: bool = True,
+    objective=None,
+) -> dict:
+    """Draw ``num_samples`` samples into ``out_dir``, resumably, across processes; returns samples.json's content.
+
+    Process r of W draws the missing indices i with i % W == r, in batches of ``batch_size``; a sample's pixels
+    depend only on (settings, seed, i). Existing PNGs are kept. After a barrier the main process checks that all
+    N images exist, writes ``samples.npz`` and ``samples.json``. ``run_info`` (model, checkpoint, VAE, ...)
+    joins the settings that must match for a resume; ``extra`` is informational (e.g. the calibration result).
+    ``decode`` maps latents (N, C, h, w) to images (N, 3|1, H, W) in [-1, 1]; ``objective`` as in sample_latents.
+    """
+    from ..data import to_uint8
+
+    state = state or SingleProcess()
+    objective = objective if objective is not None else objective_for(model, settings)
+    settings = resolve_settings(settings, objective, shape[0])
+    if num_samples < 1:
+        raise SamplingError(f"num_samples={num_samples} must be >= 1")
+    if batch_size < 1:
+        raise SamplingError(f"batch_size={batch_size} must be >= 1")
+    out_dir = Path(out_dir)
+    all_labels = make_labels(labels, num_samples, num_classes, seed)
+    run_settings = {
+        **(run_info or {}),
+        "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+        "guidance_channels": "all" if settings.guidance_channels is None else settings.guidance_channels,
+        "clip_denoised": settings.clip_denoised, "labels": labels, "num_samples": num_samples,
+        "num_classes": num_classes, "seed": seed,
+    }
+    # Written only when they apply, so folders sampled before these options existed still resume.
+    if settings.guidance_interval is not None:
+        run_settings["guidance_interval"] = list(settings.guidance_interval)
+    if objective.kind == "flow":
+        run_settings["time_shift"] = settings.time_shift
+    _check_resume(out_dir, run_settings)
+    (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / STATS_DIR).mkdir(exist_ok=True)
+    info = {"settings": run_settings, "status": "running", **({} if extra is None else {"extra": extra})}
+    # List what exists before the barrier: after it, other processes start adding files.
+    start = time.perf_counter()
+    done = existing_indices(out_dir, num_samples)
+    if state.is_main_process:
+        _write_json(out_dir / INFO_FILE, info)
+    state.wait_for_everyone()
+
+    rank, world = state.process_index, state.num_processes
+    todo = [i for i in range(num_samples) if i % world == rank and i not in done]
+
+    meter = ActiveExpertMeter(model) if has_routers(model) else None
+    stats_file = out_dir / STATS_DIR / f"rank{rank:05d}.json"
+    if meter is not None and stats_file.exists():
+        meter.load_state(json.loads(stats_file.read_text())["active_experts"])
+
+    bar = None
+    if progress and state.is_main_process:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=f"sampling (rank 0 of {world})", unit="img", dynamic_ncols=True)
+    device = next(model.parameters()).device
+    callback = (lambda i, t, x: meter.set_timestep(t)) if meter is not None else None
+    try:
+        if meter is not None:
+            meter.__enter__()
+        for b in range(0, len(todo), batch_size):
+            idx = todo[b:b + batch_size]
+            latents = sample_latents(model, all_labels[idx], make_generators(seed, idx), settings, shape,
+                                     device=device, callback=callback, objective=objective)
+            images = to_uint8(decode(latents)).permute(0, 2, 3, 1).cpu().numpy()   # (n, H, W, 3)
+            for i, img in zip(idx, images):
+                _save_png(_image_path(out_dir, i), img)
+            if meter is not None:
+                _write_json(stats_file, {"active_experts": meter.state()})
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if meter is not None:
+            meter.__exit__(None, None, None)
+        if bar is not None:
+            bar.close()
+    state.wait_for_everyone()
+
+    if not state.is_main_process:
+        return {"settings": run_settings, "status": "generated", "rank": rank, "generated": len(todo)}
+    have = existing_indices(out_dir, num_samples)
+    missing = sorted(set(range(num_samples)) - have)
+    if missing:
+        raise SamplingError(f"{out_dir / IMAGE_DIR}: {len(missing)} of {num_samples} samples missing "
+                            f"(first {missing[:5]}); a process failed, rerun the same command to resume")
+    seconds = time.perf_counter() - start
+    new = len(have) - len(done)
+    write_npz(out_dir, all_labels.numpy())
+    stats = [json.loads(f.read_text())["active_experts"] for f in sorted((out_dir / STATS_DIR).glob("rank*.json"))]
+    info.update({
+        "status": "complete",
+        "npz": NPZ_FILE,
+        "class_counts": torch.bincount(all_labels, minlength=num_classes).tolist(),
+        "generated_this_run": new,
+        "resumed_from": len(done),
+        "processes": world,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(new / seconds, 3) if seconds > 0 else None,
+        "active_experts": summarize_active(stats),
+    })
+    _write_json(out_dir / INFO_FILE, info)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                      Metrics of a finished folder
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Evaluation:
+    """What to measure after bulk sampling: metrics against ``reference`` (image folder, ADM reference npz or a
+    statistics npz) with a torch-fidelity feature extractor, and optionally the digits classifier's accuracy."""
+    reference: str
+    metrics: tuple = ("fid",)
+    extractor: str = "inception-v3-compat"
+    inception_weights: Optional[str] = None
+    classifier_accuracy: bool = False
+
+
+def sample_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
+    """Share of uint8 (N, H, W, 3) digit images that the digits classifier labels as the class they were drawn for."""
+    from ..features import digits_classifier
+
+    grey = torch.from_numpy(np.asarray(images)).float().mean(dim=-1).unsqueeze(1) / 127.5 - 1.0   # (N, 1, H, W)
+    with torch.no_grad():
+        pred = digits_classifier()(grey).argmax(dim=1)
+    return (pred == torch.from_numpy(np.asarray(labels)).long()).float().mean().item()
+
+
+def evaluate_samples(out_dir: str | Path, evaluation: Evaluation, summary: dict, device="cpu") -> dict:
+    """Metrics of the finished bulk folder ``out_dir`` (its npz) per ``evaluation``; also written to metrics.json.
+
+    Returns {"metrics": {...}, "settings": {...}, "classifier_accuracy": float | None}.
+    """
+    try:
+        from .. import evaluate
+    except ImportError as e:
+        raise SamplingError(f"metrics need dit_moe.evaluate, which failed to import ({e})") from e
+    out_dir = Path(out_dir)
+    settings = {**summary["settings"], "samples": str(out_dir / NPZ_FILE)}
+    if summary.get("active_experts"):
+        settings["active_experts_mean"] = summary["active_experts"]["mean"]
+    result = evaluate.compute_metrics(str(out_dir / NPZ_FILE), evaluation.reference, metrics=tuple(evaluation.metrics),
+                                      feature_extractor=evaluation.extractor,
+                                      inception_weights=evaluation.inception_weights,
+                                      device=torch.device(device).type, settings=settings)
+    evaluate.write_metrics_json(out_dir / METRICS_FILE, result["metrics"], result["settings"])
+    accuracy = None
+    if evaluation.classifier_accuracy:
+        images, labels, _ = read_samples(out_dir)
+        accuracy = sample_accuracy(images, labels)
+    return {"metrics": result["metrics"], "settings": result["settings"], "classifier_accuracy": accuracy}
+
+
+def generate(bundle, out_dir: str | Path, settings: Optional[SampleConfig] = None, *, num_samples: int,
+             labels: str = "balanced", state=None, progress: bool = True, evaluation: Optional[Evaluation] = None,
+             run_info: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
+    """``num_samples`` samples of an inference bundle into ``out_dir`` (resumable), then ``evaluation`` on the main
+    process. ``run_info`` adds identifying fields to the bundle's (a resume must match them), ``extra`` is
+    informational. Returns samples.json's content, plus ``metrics`` and ``classifier_accuracy`` when evaluated
+    (main process only; other processes get their own part's summary)."""
+    settings = resolve_settings(settings or bundle.defaults, bundle.objective, bundle.shape[0])
+    summary = sample_to_folder(
+        bundle.model, out_dir, settings=settings, num_samples=num_samples, num_classes=bundle.num_classes,
+        shape=bundle.shape, decode=bundle.decode, seed=settings.seed, labels=labels, batch_size=settings.batch_size,
+        state=state, run_info={**bundle.run_info(), **(run_info or {})}, extra=extra, progress=progress,
+        objective=bundle.objective)
+    if evaluation is not None and (state is None or state.is_main_process):
+        result = evaluate_samples(out_dir, evaluation, summary, bundle.device)
+        summary["metrics"] = result["metrics"]
+        summary["metrics_settings"] = result["settings"]
+        summary["classifier_accuracy"] = result["classifier_accuracy"]
+    return summary
