@@ -76,7 +76,7 @@ class RoutingConfig:
     drn_scale_max: Optional[float] = None   # None: the largest s at which p_max can still reach the target
     # Default MoE (composes with every router)
     default_moe: bool = False
-    default_mode: str = "grad_only"         # grad_only | forward
+    default_mode: str = "forward"           # forward (the published method) | grad_only
     default_beta: float = 0.99
 
 

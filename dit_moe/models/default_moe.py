@@ -14,8 +14,8 @@ Which mode is which:
                  the default-vector term, the EMA fed by the un-aggregated expert outputs).
   ``grad_only``  our variant, after the authors' earlier (workshop) code, whose default added the approximation
                  as term - term.detach(): the output equals plain routing exactly and only the router gradient
-                 changes. The toolkit's default, so that enabling Default MoE never changes what a model samples;
-                 results measured with it say nothing about the published method.
+                 changes, so enabling it never changes what a model samples; results measured with it say
+                 nothing about the published method. ``forward`` is the default.
 With renormalised routing (DTop-p) the routed weights already sum to 1 and the default term adds the raw
 probabilities of the other experts on top (total weight > 1), as the formula reads; the paper uses raw Top-k.
 
@@ -33,7 +33,7 @@ MODES = ("grad_only", "forward")
 class DefaultVectors(nn.Module):
     """Per-expert default vectors (E, D) in fp32, persistent buffers initialised to zero."""
 
-    def __init__(self, num_experts: int, dim: int, beta: float = 0.99, mode: str = "grad_only"):
+    def __init__(self, num_experts: int, dim: int, beta: float = 0.99, mode: str = "forward"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"Default MoE mode={mode!r} must be one of {MODES}")
