@@ -1,7 +1,7 @@
 """The routing tap: the one reader of router outputs reproduces the readers it replaced, and agrees with training.
 
-The old readers (sampling's ActiveExpertMeter, the analysis' RoutingRecorder, the study's probe) are the
-reference here, attached to the SAME run as the tap.
+The readers it replaced (sampling's ActiveExpertMeter, the analysis' RoutingRecorder, the study's probe) are kept
+below, reduced to their counting, as the reference: attached to the SAME run as the tap, they must see the same.
 """
 import pytest
 import torch
@@ -10,11 +10,60 @@ from dit_moe.config import RoutingConfig
 from dit_moe.models import moe
 from dit_moe.models.routing_tap import METRICS, RoutingTap, stats_from_sums, sum_slices, token_stats
 from dit_moe.registry import build_model
+from dit_moe.models.routers.base import Router
 from dit_moe.sampling import SamplerSettings, make_generators, sample_latents
-from dit_moe.sampling.experts import ActiveExpertMeter
-from dit_moe.sampling.trace import RoutingRecorder, probe_routing
+from dit_moe.sampling.trace import probe_routing
 
 LABELS = torch.tensor([0, 3, 7, 7])
+
+
+class _Hooks:
+    def __init__(self, model):
+        self.routers = [m for m in model.modules() if isinstance(m, Router)]
+
+    def __enter__(self):
+        self.handles = [r.register_forward_hook(self.hook(i)) for i, r in enumerate(self.routers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+class ActiveExpertMeter(_Hooks):
+    """sampling.ActiveExpertMeter as it was: num_active summed per (bucket set by the sampler's callback, layer)."""
+
+    def __init__(self, model, num_buckets=10):
+        super().__init__(model)
+        self.sums = torch.zeros(num_buckets, len(self.routers), dtype=torch.float64)
+        self.tokens = torch.zeros_like(self.sums)
+        self.num_buckets, self.bucket = num_buckets, 0
+
+    def set_timestep(self, t):
+        self.bucket = min(self.num_buckets - 1, max(0, int(t) * self.num_buckets // 1000))
+
+    def hook(self, layer):
+        def fn(module, inputs, out):
+            self.sums[self.bucket, layer] += out.num_active.to(torch.float64).sum()
+            self.tokens[self.bucket, layer] += out.num_active.numel()
+        return fn
+
+
+class RoutingRecorder(_Hooks):
+    """analyze.RoutingRecorder as it was: per call (step, num_active, mask counts over the first split tokens and
+    the rest)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.step, self.split = 0, None
+        self.calls = [[] for _ in self.routers]
+
+    def hook(self, layer):
+        def fn(module, inputs, out):
+            n = out.mask.shape[0] if self.split is None else self.split
+            counts = torch.stack([out.mask[:n].sum(0), out.mask[n:].sum(0)]).to(torch.int64)
+            self.calls[layer].append((self.step, out.num_active.to(torch.int16), counts))
+        return fn
 
 
 def tiny(routing="dtopp", seed=0, **kw):
