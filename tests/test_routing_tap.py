@@ -176,3 +176,17 @@ def test_token_stats_columns():
     assert torch.equal(rows[:, ix["counts"]].sum(0), r.counts.float())
     assert torch.equal(rows[:, ix["hist"]].argmax(1), r.num_active)
     assert torch.equal(rows[:, ix["capped"]], r.capped.float())
+
+
+def test_every_metric_is_documented_once():
+    """docs/routing-metrics.md lists every METRICS name with its definition and every metrics.jsonl key."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "routing-metrics.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
+            if line.startswith("| `") and line.count("|") == 5}
+    assert set(rows) == set(METRICS)
+    for name, metric in METRICS.items():
+        assert metric.doc in rows[name], name
+        for key, how in metric.log:
+            assert f"`{key}` ({how})" in rows[name], (name, key)
