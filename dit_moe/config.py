@@ -318,25 +318,26 @@ def from_dict(cls, d: dict, where: str = "config"):
 
     The one schema mechanism of the toolkit (experiment configs, study configs). A field's ``metadata`` may give
     ``key`` (its name in the file, e.g. ``from``, a Python keyword) and ``choices``; a field without a default is
-    a required key.
+    a required key. ``where`` names ``d`` in messages (``""``: the top of a file, whose keys need no prefix).
     """
+    at = f"{where}: " if where else ""
     if d is None:
         d = {}
     if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{at}expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        raise ConfigError(f"{at}unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     missing = [k for k, f in fields.items() if k not in d and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+        raise ConfigError(f"{at}missing key(s) {', '.join(missing)}")
     kwargs = {}
     for name, value in d.items():
         f = fields[name]
-        key = name if where == "config" else f"{where}.{name}"
+        key = name if where in ("config", "") else f"{where}.{name}"
         kwargs[f.name] = _coerce(value, hints[f.name], key)
         choices = f.metadata.get("choices", CHOICES.get(key))
         if choices is not None and kwargs[f.name] not in choices:
