@@ -1,8 +1,8 @@
 """Published DiT weights in (and out): facebookresearch/DiT files and diffusers DiT models as dit-moe checkpoints.
 
-    python -m dit_moe.convert DiT-XL-2-256x256.pt --out checkpoints/DiT-XL-2-256
-    python -m dit_moe.convert facebook/DiT-XL-2-256 --out checkpoints/DiT-XL-2-256-hf   # hub id or a local folder
-    python -m dit_moe.convert checkpoints/my-dense --to diffusers --out exported/my-dense  # a DiTPipeline folder
+    dit-moe convert DiT-XL-2-256x256.pt --out checkpoints/DiT-XL-2-256
+    dit-moe convert facebook/DiT-XL-2-256 --out checkpoints/DiT-XL-2-256-hf   # hub id or a local folder
+    dit-moe convert checkpoints/my-dense --to diffusers --out exported/my-dense  # a DiTPipeline folder
 
 Sources. A ``.pt``/``.pth`` file of facebookresearch/DiT: a plain state dict (the published DiT-XL-2-256x256.pt and
 -512x512.pt hold the EMA weights) or a training checkpoint ``{"model", "ema", "opt", "args"}`` (model and EMA are
@@ -405,7 +405,7 @@ def run(args: argparse.Namespace) -> Path:
     imp = read_source(args.source, convention=args.convention, vae=args.vae, input_size=args.input_size)
     if imp.kind == "dit-moe":
         raise ConvertError(f"{args.source}: already a dit-moe checkpoint; use it directly, upcycle it "
-                           "(python -m dit_moe.upcycle) or export it (--to diffusers)")
+                           "(dit-moe upcycle) or export it (--to diffusers)")
     out = save_imported(imp, args.out, overwrite=args.overwrite)
     cfg = imp.model_config
     print(f"wrote {out}: {cfg.name}, {cfg.in_channels}x{cfg.input_size}x{cfg.input_size} latents, {cfg.num_classes} "

@@ -1,10 +1,10 @@
 """Sparse upcycling: a dense DiT checkpoint -> a DiT-MoE checkpoint that computes the dense model at step 0.
 
-    python -m dit_moe.upcycle checkpoints/DiT-XL-2-256 --model DiT-XL/2-E8K2 --routing dtopp --out checkpoints/XL2-E8K2
-    python -m dit_moe.upcycle DiT-XL-2-256x256.pt --model DiT-XL/2-E8K2 --routing topk --noise 0.01 --out ...
-    python train.py --config CONFIG train.init_from=checkpoints/XL2-E8K2 ...     # fine-tune: new optimizer, step 0
+    dit-moe upcycle checkpoints/DiT-XL-2-256 --model DiT-XL/2-E8K2 --routing dtopp --out checkpoints/XL2-E8K2
+    dit-moe upcycle DiT-XL-2-256x256.pt --model DiT-XL/2-E8K2 --routing topk --noise 0.01 --out ...
+    dit-moe train --config CONFIG train.init_from=checkpoints/XL2-E8K2 ...     # fine-tune: new optimizer, step 0
 
-SRC is a dense dit-moe checkpoint or anything ``python -m dit_moe.convert`` reads (converted on the fly).
+SRC is a dense dit-moe checkpoint or anything ``dit-moe convert`` reads (converted on the fly).
 Trailing ``section.key=value`` items override the written experiment config (routing.target=2, model.moe_every=2).
 
 Experts. Every MoE block's experts are filled from that block's dense MLP (fc1: D -> H = 4D, GELU-tanh, fc2), which
