@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class RoutingConfig:
-    """Router family and hyper-parameters; ``None`` means the router's published default (routing-spec.md)."""
+    """Router family and hyper-parameters; ``None`` means the router's default (README, Routing options)."""
     type: str = "topk"                      # topk | topp | dtopp
     renormalize: Optional[bool] = None      # topk/topp: False, dtopp: True
     lb_coef: Optional[float] = None         # load-balance loss; topk/topp: 0.01, dtopp: 1e-4
@@ -62,19 +62,21 @@ class RoutingConfig:
     entropy_coef: Optional[float] = None    # topk: 0, topp: 0, dtopp: 1e-3
     threshold: float = 0.4                  # topp: fixed p (Huang et al.)
     k_max: Optional[int] = None             # topp/dtopp: hard cap on experts per token (None: no cap)
-    # DTop-p controller
+    # DTop-p controller (docs/dtopp-controller.md)
     target: Optional[float] = None          # target mean activated experts per token (None: the name's K)
     scope: str = "global"                   # global | layer
-    kp: float = 0.05                        # tuned: the spec's 1.0 oscillates once routing sharpens (see routers/dtopp.py)
-    ki: float = 0.25
-    p0: Optional[float] = None              # None: target / num_experts
+    threshold_space: str = "logit"          # logit: the PI law acts on log(p / (1 - p)); linear: on p (the paper's form)
+    kp: Optional[float] = None              # None: logit 0.2, linear 0.05 (stable for loop gain g/E < 1.43 / 5.7)
+    ki: Optional[float] = None              # None: logit 1.0, linear 0.25
+    p0: Optional[float] = None              # None: the threshold at which standardised Gaussian logits hit the target
     p_min: float = 0.01
     p_max: float = 0.99
-    i_max: Optional[float] = None           # anti-windup bound on the integral; None: 1 / ki
-    drn_log_scale_max: float = 3.0          # DRN scale s = exp(theta), theta clamped to [-max, max]
+    i_max: Optional[float] = None           # ignored (old configs load): the incremental PI law cannot wind up
+    drn_log_scale_max: float = 3.0          # DRN scale s = exp(theta), theta >= -max (and <= max)
+    drn_scale_max: Optional[float] = None   # None: the largest s at which p_max can still reach the target
     # Default MoE (composes with every router)
     default_moe: bool = False
-    default_mode: str = "grad_only"         # grad_only | forward
+    default_mode: str = "forward"           # forward (the published method) | grad_only
     default_beta: float = 0.99
 
 
@@ -184,6 +186,7 @@ CHOICES = {
     "model.timestep_freq_shift": (0, 1),
     "routing.type": ("topk", "topp", "dtopp"),
     "routing.scope": ("global", "layer"),
+    "routing.threshold_space": ("logit", "linear"),
     "routing.default_mode": ("grad_only", "forward"),
     "data.source": ("builtin", "latents"),
     "train.lr_schedule": ("constant", "cosine"),
@@ -466,7 +469,8 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
     if arch is not None and arch.is_moe:
         E = arch.num_experts
         if r.target is not None:
-            check("routing.target", 0 < r.target <= E, f"must be in (0, {E}] (the {E} experts of {m.name})")
+            check("routing.target", 1 <= r.target <= E,
+                  f"must be in [1, {E}] (every token takes at least one of the {E} experts of {m.name})")
         if r.k_max is not None:
             check("routing.k_max", 1 <= r.k_max <= E, f"must be in [1, {E}] or null (no cap)")
         if r.type == "dtopp" and r.k_max is not None and 1 <= r.k_max <= E:
@@ -476,13 +480,15 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
         if "routing.p_min" not in nonfinite and "routing.p_max" not in nonfinite and not 0.0 < r.p_min <= r.p_max <= 1.0:
             bad(f"routing.p_min={r.p_min}, routing.p_max={r.p_max} must satisfy 0 < p_min <= p_max <= 1")
         if r.p0 is not None:
-            check("routing.p0", 0.0 < r.p0 <= 1.0, "must be in (0, 1] or null (target / experts)")
-        check("routing.kp", r.kp >= 0, "must be >= 0 (a negative gain drives the count away from the target)")
-        check("routing.ki", r.ki >= 0, "must be >= 0 (a negative gain drives the count away from the target)")
-        if r.i_max is None:
-            check("routing.ki", r.ki != 0, "must be > 0 when routing.i_max is null (the default bound is 1 / ki)")
-        else:
-            check("routing.i_max", r.i_max > 0, "must be > 0 or null (1 / ki)")
+            check("routing.p0", 0.0 < r.p0 <= 1.0, "must be in (0, 1] or null (derived from E and the target)")
+        for key in ("kp", "ki"):
+            if getattr(r, key) is not None:
+                check(f"routing.{key}", getattr(r, key) >= 0,
+                      "must be >= 0 (a negative gain drives the count away from the target)")
+        if r.kp == 0 and r.ki == 0:
+            bad("routing.kp=0 and routing.ki=0: the DTop-p controller needs a non-zero gain")
+        if r.drn_scale_max is not None:
+            check("routing.drn_scale_max", r.drn_scale_max > 0, "must be > 0 or null (derived from E, target, p_max)")
         for key in ("lb_coef", "entropy_coef"):
             if getattr(r, key) is not None:
                 check(f"routing.{key}", getattr(r, key) >= 0, "must be >= 0 or null (the router's default)")

@@ -38,7 +38,7 @@ Exact at step 0 (``exactness`` states it per configuration, tests/test_upcycle.p
     cover every block equally, which depends on torch.topk's tie order, so it is not promised).
 Default MoE composes with all of these: its vectors start at zero, so its term is 0 at step 0 in both modes
 (``forward`` adds it once the EMA of expert outputs warms up; ``grad_only`` never changes the output). DTop-p's
-controller starts as in a fresh run (threshold p0 = target / E, integral 0). Attention, embeddings, adaLN, the
+controller starts as in a fresh run (the cold-start threshold p0 derived for standardised logits, integral 0). Attention, embeddings, adaLN, the
 final layer and blocks that stay dense (model.moe_every > 1) are copied; the EMA copy is upcycled the same way
 from the source's EMA weights. The result is a step-0 checkpoint. Memory: model + EMA of the MoE in fp32 plus the
 source, about 10 bytes per MoE parameter (measured peak 5.5 GB for DiT-B/2-E8K2, 527M parameters; expect ~28 GB

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT = str(REPO / "configs" / "default.yaml")
 
 BAD_TRAIN = [
-    (["routing.target=9"], "routing.target=9.0 must be in (0, 8]"),
-    (["routing.target=0"], "routing.target=0.0 must be in (0, 8]"),
+    (["routing.target=9"], "routing.target=9.0 must be in [1, 8]"),
+    (["routing.target=0.5"], "routing.target=0.5 must be in [1, 8]"),
     (["routing.p_min=0.5", "routing.p_max=0.2"], "routing.p_min=0.5, routing.p_max=0.2 must satisfy"),
     (["routing.k_max=0"], "routing.k_max=0 must be in [1, 8]"),
     (["routing.k_max=9"], "routing.k_max=9 must be in [1, 8]"),

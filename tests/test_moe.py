@@ -89,9 +89,9 @@ def test_dispatch_matches_dense_reference(case, grouped, monkeypatch):
     # fp64 for the segment loop; torch's CPU grouped_mm exists for fp32 only, checked at fp32 tolerance.
     dtype, tol = (torch.float32, 1e-5) if grouped else (torch.float64, 1e-10)
     monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", grouped)
-    if grouped and not moe_mod._grouped_mm_available(torch.device("cpu"), dtype):
-        pytest.skip("this torch build has no CPU grouped_mm")
     moe = CASES[case]().to(dtype)
+    if grouped and not moe_mod._grouped_mm_available(moe.experts, torch.device("cpu"), dtype):
+        pytest.skip("this torch build has no CPU grouped_mm")
     x = torch.randn(40, D, dtype=dtype, generator=torch.Generator().manual_seed(1))
     out, gx, gp = _grads(moe, x, lambda t: moe(t))
     ref, rgx, rgp = _grads(moe, x, lambda t: _dense_reference(moe, t))
@@ -103,6 +103,66 @@ def test_dispatch_matches_dense_reference(case, grouped, monkeypatch):
     if case == "topp_variable":
         m = moe.router(x).num_active
         assert m.min() < m.max()
+
+
+@pytest.mark.parametrize("hidden", [12, 38, 16])
+def test_grouped_mm_probes_the_real_shape_and_falls_back(hidden, monkeypatch):
+    """Issue 13.4: grouped_mm needs rows that are a multiple of 16 bytes (bf16 hidden 12 or 38 are not; CPU grouped_mm
+    enforces the same rule). The probe runs the bank's own shapes, so those widths take the segment loop instead of
+    raising, and aligned widths (16) keep the grouped path."""
+    monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", True)
+    monkeypatch.setattr(moe_mod, "_grouped_mm_ok", {})
+    bank = ExpertBank(E, 16, hidden, "gelu")
+    moe = MoEMLP(16, TopKRouter(16, E, top_k=2), bank).to(torch.bfloat16)
+    moe.router.float()
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).requires_grad_(True)
+    moe(x).float().square().sum().backward()
+    aligned = hidden * 2 % 16 == 0
+    assert moe_mod._grouped_mm_ok == {("cpu", torch.bfloat16, "gelu", E, 16, hidden): aligned}
+    # whichever path ran, it matches the segment loop
+    got = moe(x)
+    monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", False)
+    torch.testing.assert_close(got, moe(x), rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_mm_probe_first_reached_under_inference_mode(monkeypatch):
+    """Sampling may be the first caller: the probe's backward must not fail there and disable the grouped path."""
+    monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", True)
+    monkeypatch.setattr(moe_mod, "_grouped_mm_ok", {})
+    moe = MoEMLP(16, TopKRouter(16, E, top_k=2), ExpertBank(E, 16, 32, "gelu"))
+    with torch.inference_mode():
+        moe(torch.randn(10, 16))
+    assert list(moe_mod._grouped_mm_ok.values()) == [True]
+
+
+def _capture_expert_outputs(moe):
+    """Forward hook storing the (M, D) expert outputs of the last call."""
+    store = {}
+    moe.experts.register_forward_hook(lambda mod, inp, out: store.__setitem__("ys", out))
+    return store
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_bf16_autocast_combines_in_fp32_and_rounds_once(grouped, monkeypatch):
+    """Issue 13.5: under bf16 autocast the weighted expert outputs (and shared / default terms) are summed in fp32
+    and cast once, so the output is the bf16 rounding of the exact (fp64) combination of the bf16 expert outputs:
+    within half a bf16 ulp. Summing in bf16 rounds every partial sum (errors of several ulps with 6 experts)."""
+    monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", grouped)
+    moe = _make(TopKRouter(D, E, top_k=E), shared=True, default=_random_default("forward"), hidden=16)
+    store = _capture_expert_outputs(moe)
+    shared_out = {}
+    moe.shared.register_forward_hook(lambda mod, inp, out: shared_out.__setitem__("y", out))
+    x = torch.randn(256, D, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    assert y.dtype == torch.bfloat16
+    r = moe.router(x)
+    exact = torch.zeros(256, D, dtype=torch.float64).index_add_(
+        0, r.token_idx, store["ys"].double() * r.weight.double().unsqueeze(1))
+    exact += shared_out["y"].double() + moe.default_vectors.term(r.probs, r.mask).double()
+    err = (y.double() - exact).abs()
+    half_ulp = exact.abs().clamp(min=1e-30).log2().floor().exp2() * 2.0 ** -8
+    assert (err <= half_ulp * (1 + 1e-3) + 1e-6).all(), f"max error {(err / half_ulp).max():.2f} half-ulps"
 
 
 def test_expert_with_zero_tokens():
@@ -270,6 +330,19 @@ def test_deepcopy_and_aux_collection_in_dit():
     assert out.shape == (3, 8, 8, 8)
 
 
+def test_logit_std_stat_per_layer():
+    """Issue 13.5: the per-layer spread of the raw router logits (mean over tokens of their std over experts)."""
+    model = _dit(RoutingConfig(type="dtopp"))
+    model.train()
+    seen = []
+    for b in model.blocks:
+        b.mlp.router.register_forward_hook(lambda mod, inp, out: seen.append(out.logits.std(1, correction=0).mean()))
+    model(*_batch())
+    stats = routing_step(model)
+    torch.testing.assert_close(stats["logit_std"], torch.stack(seen).detach())
+    assert (stats["logit_std"] > 0).all()
+
+
 def test_routing_step_reduces_once_and_reports_stats():
     model = _dit(RoutingConfig(type="dtopp", default_moe=True))
     model.train()
@@ -289,3 +362,30 @@ def test_routing_step_reduces_once_and_reports_stats():
     assert stats["threshold"].shape == (1,) and stats["drn_scale"].shape == (2,)
     assert (stats["mean_active"] >= 1).all()
     assert torch.isclose(stats["measured"][0], stats["mean_active"].mean())
+
+
+def test_checkpoints_of_the_previous_format_load_and_their_drn_scale_is_projected_on_the_first_step():
+    """Router and controller state-dict keys are those the toolkit wrote before the controller rework (no new
+    persistent buffers: saturation counters are non-persistent), so old checkpoints load strictly. An old run's DRN
+    scale beyond today's bound is kept for eval (the model samples as it was trained) and projected by the first
+    routing_step of a resumed run."""
+    import math
+
+    cfg = RoutingConfig(type="dtopp", default_moe=True)
+    model = _dit(cfg)
+    keys = sorted(k for k in model.state_dict() if "router" in k or "routing_controller" in k or "default_vectors" in k)
+    assert keys == ['blocks.0.mlp.default_vectors.vectors', 'blocks.0.mlp.router.log_scale', 'blocks.0.mlp.router.weight',
+                    'blocks.1.mlp.default_vectors.vectors', 'blocks.1.mlp.router.log_scale', 'blocks.1.mlp.router.weight',
+                    'routing_controller.error', 'routing_controller.integral', 'routing_controller.measured',
+                    'routing_controller.threshold']
+    state = model.state_dict()
+    state["blocks.0.mlp.router.log_scale"] = torch.tensor(math.log(2.8))
+    state["routing_controller.threshold"] = torch.tensor([0.99])
+    fresh = _dit(cfg)
+    fresh.load_state_dict(state)
+    router = fresh.blocks[0].mlp.router
+    assert router.scale().item() == pytest.approx(2.8)
+    fresh.train()
+    fresh(*_batch())
+    routing_step(fresh)
+    assert router.scale().item() == pytest.approx(math.exp(router.log_scale_max), rel=1e-6) and router.scale().item() < 2.8

@@ -1,13 +1,23 @@
 """Default MoE (Panda et al. 2025, arXiv 2504.12463): a dense router gradient at almost no cost.
 
-Every routed expert i keeps a default vector d_i (D,), an EMA of its mean output over the tokens routed to it.
-A token's output gains, for each expert it did NOT activate, its raw router probability times that vector:
+Every routed expert i keeps a default vector d_i (D,), an EMA of its output over the tokens routed to it, taken
+from the per-expert outputs BEFORE they are weighted and aggregated. A token's output gains, for each expert it
+did NOT activate, its raw router probability times that vector, added AFTER the scatter of the routed outputs:
 
     y_t = sum_{i in A_t} w_ti E_i(h_t) + sum_{i not in A_t} pi_ti d_i
 
 The vectors are buffers (no gradient), so the router receives dL/dpi_ti = <dL/dy_t, d_i> for every expert.
-Mode ``forward`` adds the term as written; mode ``grad_only`` adds term - term.detach(), which leaves the output of
-plain routing unchanged and only changes the router gradient (routing-spec 4.2).
+
+Which mode is which:
+  ``forward``    the published method: the default term is part of the layer's output in training and in
+                 sampling, as in the authors' code (the MoE layer returns the scatter of the routed outputs plus
+                 the default-vector term, the EMA fed by the un-aggregated expert outputs).
+  ``grad_only``  our variant, after the authors' earlier (workshop) code, whose default added the approximation
+                 as term - term.detach(): the output equals plain routing exactly and only the router gradient
+                 changes, so enabling it never changes what a model samples; results measured with it say
+                 nothing about the published method. ``forward`` is the default.
+With renormalised routing (DTop-p) the routed weights already sum to 1 and the default term adds the raw
+probabilities of the other experts on top (total weight > 1), as the formula reads; the paper uses raw Top-k.
 
 The EMA is updated once per optimizer step from sums accumulated over every micro-batch and rank:
     d_i <- beta * d_i + (1 - beta) * (sum of E_i outputs) / count_i     (skipped when count_i = 0)
@@ -23,7 +33,7 @@ MODES = ("grad_only", "forward")
 class DefaultVectors(nn.Module):
     """Per-expert default vectors (E, D) in fp32, persistent buffers initialised to zero."""
 
-    def __init__(self, num_experts: int, dim: int, beta: float = 0.99, mode: str = "grad_only"):
+    def __init__(self, num_experts: int, dim: int, beta: float = 0.99, mode: str = "forward"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"Default MoE mode={mode!r} must be one of {MODES}")

@@ -1,11 +1,15 @@
 """MoE-MLP: the block's MLP slot filled with E routed experts (plus optional shared experts).
 
 Dispatch (one path for training and inference, dropless, any number of experts per token):
-  1. the router returns the M (token, expert, weight) pairs sorted by expert and the per-expert counts;
+  1. the router returns the M (token, expert, weight) pairs sorted by expert and the per-expert counts (device);
   2. tokens are gathered once, (M, D), so every expert's tokens form one contiguous segment;
-  3. each expert runs on its segment: one grouped matmul over all segments where torch has one for the device
-     and dtype, else a loop over the E segments (E small matmuls, no per-token work);
-  4. outputs are scaled by their weight in fp32 and scatter-added back to their tokens, (N, D).
+  3. each expert runs on its segment (``experts.ExpertBank``): one grouped matmul over all segments with device
+     offsets where torch runs it for the device, dtype and shape, else a loop over the E segments;
+  4. outputs are scaled by their weight and scatter-added back to their tokens in fp32, cast once, (N, D).
+
+Host synchronisation on the grouped (GPU) path: none for Top-k (M = N k is static), one per MoE layer for the
+threshold routers (M is data-dependent; see ``RouterOutput.from_mask``). The segment loop needs the sizes on the
+host and reads them once per layer. Statistics are accumulated on the device.
 
 Router state changes once per optimizer step, never inside forward: training forwards only accumulate sums
 (tensor ops, no host sync) into a non-persistent buffer; ``routing_step(model, all_reduce)`` reduces every layer's
@@ -13,7 +17,7 @@ sums in one all-reduce and then steps the DTop-p controller, the Default MoE vec
 """
 from __future__ import annotations
 
-import math
+import logging
 from typing import Callable, Optional
 
 import torch
@@ -21,177 +25,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .default_moe import DefaultVectors
+from .experts import EXPERT_KINDS, ExpertBank, compute_dtype
 from .routers import DTopPRouter, Router, RouterOutput, ThresholdController, TopKRouter, TopPRouter
 
-EXPERT_KINDS = ("gelu", "swiglu")
+__all__ = ["EXPERT_KINDS", "ExpertBank", "MoEMLP", "USE_GROUPED_MM", "build_controller", "build_moe_mlp",
+           "build_router", "collect_aux_loss", "moe_layers", "routing_stats", "routing_step"]
 
-# Grouped matmul policy: "auto" uses torch's grouped_mm off the CPU where a probe call succeeds; True forces it
-# (CPU fp32 works but is slower than the segment loop there, see benchmarks/moe_dispatch.py); False never.
+logger = logging.getLogger(__name__)
+
+# Grouped matmul policy: "auto" uses torch's grouped_mm off the CPU where it runs the bank's shapes; True forces it
+# wherever it runs (CPU fp32/bf16 works but is slower than the segment loop there, see benchmarks/moe_dispatch.py);
+# False never. Whether it runs is probed once per (device, dtype, bank shape): widths whose rows are not a multiple
+# of 16 bytes (bf16 hidden 12 or 38) raise in grouped_mm, and those banks take the segment loop instead.
 USE_GROUPED_MM: bool | str = "auto"
-_grouped_mm_ok: dict[tuple[str, torch.dtype], bool] = {}
+_grouped_mm_ok: dict[tuple, bool] = {}
 
 
-def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether F.grouped_mm runs for (device, dtype): probed once with a tiny call, then cached."""
+def _grouped_mm_available(bank: ExpertBank, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``bank`` runs on grouped_mm for (device, dtype): probed forward and backward once, then cached."""
     if USE_GROUPED_MM is False or not hasattr(F, "grouped_mm"):
         return False
     if USE_GROUPED_MM == "auto" and device.type == "cpu":
         return False
-    key = (device.type, dtype)
+    key = (device.type, dtype, bank.kind, bank.num_experts, bank.dim, bank.hidden)
     if key not in _grouped_mm_ok:
         try:
-            a = torch.zeros(16, 16, device=device, dtype=dtype)
-            b = torch.zeros(2, 16, 16, device=device, dtype=dtype)
-            F.grouped_mm(a, b, offs=torch.tensor([8, 16], device=device, dtype=torch.int32))
+            bank.grouped_runs(device, dtype)
             _grouped_mm_ok[key] = True
-        except RuntimeError:  # unsupported device / dtype / architecture: the segment loop is the fallback
+        except RuntimeError as err:  # unsupported device / dtype / shape / architecture: the segment loop runs
+            logger.warning(f"grouped_mm cannot run {bank.kind} experts E={bank.num_experts} D={bank.dim} "
+                           f"H={bank.hidden} in {dtype} on {device.type} ({err}); using the segment loop")
             _grouped_mm_ok[key] = False
     return _grouped_mm_ok[key]
-
-
-def _xavier_bound(fan_in: int, fan_out: int) -> float:
-    return math.sqrt(6.0 / (fan_in + fan_out))
-
-
-class ExpertBank(nn.Module):
-    """E expert MLPs of one kind stored as stacked weights (one parameter per weight kind).
-
-    gelu:   y = W_out^T gelu_tanh(W_in^T x + b_in) + b_out   (DiT's MLP), W_in (E, D, H), W_out (E, H, D)
-    swiglu: y = W_out^T (silu(x W_g) * (x W_u))               (DiT-MoE, no biases), W_in = [W_g | W_u] (E, D, 2H)
-    Stacking keeps every expert inside the same parameters, so DDP never meets a parameter without gradient
-    when an expert receives no token. Init: xavier-uniform per expert and per projection (DiT's init for its
-    MLP, which DiT-MoE's experts inherit), zero biases.
-    """
-
-    def __init__(self, num_experts: int, dim: int, hidden: int, kind: str = "gelu"):
-        super().__init__()
-        if kind not in EXPERT_KINDS:
-            raise ValueError(f"expert kind={kind!r} must be one of {EXPERT_KINDS}")
-        if hidden < 1:
-            raise ValueError(f"expert hidden width must be >= 1, got {hidden}")
-        self.num_experts, self.dim, self.hidden, self.kind = num_experts, dim, hidden, kind
-        width_in = 2 * hidden if kind == "swiglu" else hidden
-        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width_in))
-        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        if kind == "gelu":
-            self.b_in = nn.Parameter(torch.empty(num_experts, hidden))
-            self.b_out = nn.Parameter(torch.empty(num_experts, dim))
-        else:
-            self.register_parameter("b_in", None)
-            self.register_parameter("b_out", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            # The SwiGLU gate and up projections are two (D, H) maps side by side: each gets its own xavier bound.
-            self.w_in.uniform_(-1, 1).mul_(_xavier_bound(self.dim, self.hidden))
-            self.w_out.uniform_(-1, 1).mul_(_xavier_bound(self.hidden, self.dim))
-            if self.b_in is not None:
-                self.b_in.zero_()
-                self.b_out.zero_()
-
-    def activation(self, h: torch.Tensor) -> torch.Tensor:
-        """(M, H or 2H) pre-activations -> (M, H)."""
-        return _act_forward_backward(self.kind, h)
-
-    def forward(self, x: torch.Tensor, sizes: tuple[int, ...], counts: torch.Tensor | None = None,
-                expert_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(M, D) tokens sorted by expert, segment sizes (E,) -> (M, D) outputs of each token's expert.
-
-        ``counts`` (E,) device tensor and ``expert_idx`` (M,) are only used by the grouped-matmul path.
-        """
-        if len(sizes) != self.num_experts:
-            raise ValueError(f"got {len(sizes)} segment sizes for {self.num_experts} experts")
-        # Under autocast run the experts in the autocast dtype, with autocast itself off inside.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x = x.to(dtype)
-        w_in, b_in, w_out, b_out = (None if p is None else p.to(dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if counts is not None and expert_idx is not None and _grouped_mm_available(x.device, dtype):
-                offs = counts.cumsum(0).to(torch.int32)
-                h = F.grouped_mm(x, w_in, offs=offs)
-                if b_in is not None:
-                    h = h + b_in[expert_idx]
-                y = F.grouped_mm(self.activation(h), w_out, offs=offs)
-                return y + b_out[expert_idx] if b_out is not None else y
-            return _SegmentMLP.apply(x, sizes, self.kind, w_in, b_in, w_out, b_out)
-
-
-def _act_forward_backward(kind: str, h: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """The expert activation of pre-activations h, or (with ``grad``) the gradient w.r.t. h of that activation."""
-    if kind == "gelu":
-        if grad is None:
-            return F.gelu(h, approximate="tanh")
-        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
-    gate, up = h.chunk(2, dim=-1)
-    if grad is None:
-        return F.silu(gate) * up
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    return torch.cat([grad * up * (sig * (1 + gate * (1 - sig))), grad * silu], dim=-1)
-
-
-class _SegmentMLP(torch.autograd.Function):
-    """All E expert MLPs on their contiguous segments of (M, D) expert-sorted tokens, as one autograd node.
-
-    Autograd through per-expert slices of the stacked weights (w_in[e]) would build a full-size zero gradient of
-    the whole stack for every expert and sum E of them, and concatenating the segment outputs would copy them
-    once more. Here the forward writes each segment straight into one (M, .) buffer and the backward writes each
-    expert's weight gradient into its slice of one gradient tensor. Saved: the input and the pre-activations; the
-    activation is recomputed per segment in the backward (one elementwise pass instead of an (M, H) buffer).
-    """
-
-    @staticmethod
-    def forward(ctx, x, sizes, kind, w_in, b_in, w_out, b_out):
-        M, D = x.shape
-        h = x.new_empty(M, w_in.shape[2])
-        y = x.new_empty(M, w_out.shape[2])
-        start = 0
-        for e, n in enumerate(sizes):
-            if n:
-                s = slice(start, start + n)
-                if b_in is None:
-                    torch.mm(x[s], w_in[e], out=h[s])
-                    torch.mm(_act_forward_backward(kind, h[s]), w_out[e], out=y[s])
-                else:
-                    torch.addmm(b_in[e], x[s], w_in[e], out=h[s])
-                    torch.addmm(b_out[e], _act_forward_backward(kind, h[s]), w_out[e], out=y[s])
-            start += n
-        ctx.sizes, ctx.kind, ctx.has_bias = sizes, kind, b_in is not None
-        ctx.save_for_backward(x, h, w_in, w_out)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, h, w_in, w_out = ctx.saved_tensors
-        need_x, _, _, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad
-        gy = gy.contiguous()
-        gx = torch.empty_like(x) if need_x else None
-        # Experts without tokens keep a zero gradient slice (DDP then sees every parameter used).
-        alloc = torch.zeros_like if 0 in ctx.sizes else torch.empty_like
-        g_w_in = alloc(w_in) if need_w_in else None
-        g_w_out = alloc(w_out) if need_w_out else None
-        g_b_in = x.new_zeros(w_in.shape[0], w_in.shape[2]) if ctx.has_bias and need_b_in else None
-        g_b_out = x.new_zeros(w_out.shape[0], w_out.shape[2]) if ctx.has_bias and need_b_out else None
-        start = 0
-        for e, n in enumerate(ctx.sizes):
-            if n:
-                s = slice(start, start + n)
-                he, ge = h[s], gy[s]
-                if g_w_out is not None:
-                    torch.mm(_act_forward_backward(ctx.kind, he).t(), ge, out=g_w_out[e])
-                if g_b_out is not None:
-                    torch.sum(ge, 0, out=g_b_out[e])
-                gh = _act_forward_backward(ctx.kind, he, ge @ w_out[e].t())
-                if g_w_in is not None:
-                    torch.mm(x[s].t(), gh, out=g_w_in[e])
-                if g_b_in is not None:
-                    torch.sum(gh, 0, out=g_b_in[e])
-                if gx is not None:
-                    torch.mm(gh, w_in[e].t(), out=gx[s])
-            start += n
-        return gx, None, None, g_w_in, g_b_in, g_w_out, g_b_out
 
 
 def _in_backward() -> bool:
@@ -211,6 +76,10 @@ class MoEMLP(nn.Module):
     route. A recompute under gradient checkpointing has no side effect (see ``_in_backward``).
     """
 
+    # Accumulator layout (fp32): the head below, then counts (E), histogram of m in 0..E (E+1), then, with
+    # Default MoE, the per-expert output sums (E * D).
+    HEAD = ("active_sum", "tokens", "entropy_sum", "capped", "logit_std_sum")
+
     def __init__(self, dim: int, router: Router, experts: ExpertBank, shared: Optional[ExpertBank] = None,
                  default_vectors: Optional[DefaultVectors] = None):
         super().__init__()
@@ -224,10 +93,10 @@ class MoEMLP(nn.Module):
         self.default_vectors = default_vectors
         self.last_aux_loss: torch.Tensor | None = None
         self.last_aux_terms: dict[str, torch.Tensor] = {}
-        E = self.num_experts
-        # Accumulator layout: [active_sum, tokens, entropy_sum, capped, counts (E), histogram of m in 0..E (E+1)]
-        # then, with Default MoE, the per-expert output sums (E * D).
-        self.num_stats = 4 + 2 * E + 1
+        E, H = self.num_experts, len(self.HEAD)
+        self.counts_slice = slice(H, H + E)
+        self.hist_slice = slice(H + E, H + 2 * E + 1)
+        self.num_stats = H + 2 * E + 1
         size = self.num_stats + (E * dim if default_vectors is not None else 0)
         self.register_buffer("routing_acc", torch.zeros(size), persistent=False)
         self.register_buffer("routing_last", torch.zeros(self.num_stats), persistent=False)
@@ -251,18 +120,20 @@ class MoEMLP(nn.Module):
         x = x.reshape(-1, self.dim)                                       # (N, D)
         r = self.router(x)
         xs = x.index_select(0, r.token_idx)                               # (M, D), expert-contiguous
-        ys = self.experts(xs, r.sizes, r.counts, r.expert_idx)            # (M, D)
-        # Scale in (at least) fp32, then back to the expert dtype (bf16 under autocast).
-        weighted = (ys.to(r.weight.dtype) * r.weight.unsqueeze(1)).to(ys.dtype)
-        y = ys.new_zeros(x.shape[0], self.dim).index_add(0, r.token_idx, weighted)
+        grouped = _grouped_mm_available(self.experts, x.device, compute_dtype(x))
+        ys = self.experts(xs, None if grouped else r.sizes, r.counts, r.expert_idx, grouped=grouped)   # (M, D)
+        # Combine and accumulate in (at least) fp32, cast once to the expert dtype (bf16 under autocast).
+        acc = torch.promote_types(r.weight.dtype, torch.float32)
+        y = torch.zeros(x.shape[0], self.dim, dtype=acc, device=x.device).index_add(
+            0, r.token_idx, ys.to(acc) * r.weight.to(acc).unsqueeze(1))
         if self.shared is not None:
-            y = y + self.shared(x, (x.shape[0],))
+            y = y + self.shared(x, (x.shape[0],)).to(acc)
         if self.default_vectors is not None:
-            y = y + self.default_vectors.term(r.probs, r.mask).to(y.dtype)
+            y = y + self.default_vectors.term(r.probs, r.mask).to(acc)
         if self.training and not _in_backward():
             self.last_aux_loss, self.last_aux_terms = r.aux_loss, r.aux_terms
             self._accumulate(r, ys)
-        return y.reshape(*shape[:-1], y.shape[-1])
+        return y.to(ys.dtype).reshape(*shape[:-1], self.dim)
 
     @torch.no_grad()
     def _accumulate(self, r: RouterOutput, ys: torch.Tensor) -> None:
@@ -271,7 +142,9 @@ class MoEMLP(nn.Module):
         entropy = -(r.probs * r.probs.clamp(min=1e-20).log()).sum()
         capped = r.capped.sum() if r.capped is not None else m.new_zeros(())
         hist = torch.zeros(E + 1, device=m.device).index_add_(0, m, torch.ones_like(m, dtype=torch.float32))
-        head = torch.stack([m.sum().float(), torch.ones((), device=m.device) * m.shape[0], entropy, capped.float()])
+        logit_std = r.logits.std(dim=1, correction=0).sum()
+        head = torch.stack([m.sum().float(), torch.ones((), device=m.device) * m.shape[0], entropy.float(),
+                            capped.float(), logit_std.float()])
         self.routing_acc[: self.num_stats].add_(torch.cat([head, r.counts.float(), hist]))
         if self.default_vectors is not None:
             sums = DefaultVectors.output_sums(ys, r.expert_idx, E)
@@ -279,16 +152,16 @@ class MoEMLP(nn.Module):
 
     def layer_stats(self) -> dict[str, torch.Tensor]:
         """This layer's statistics from the last ``routing_step`` (tensors; zeros before the first)."""
-        E = self.num_experts
         s = self.routing_last
         tokens = s[1].clamp(min=1)
-        counts = s[4: 4 + E]
+        counts = s[self.counts_slice]
         stats = {
             "mean_active": s[0] / tokens,
             "entropy": s[2] / tokens,
             "cap_frac": s[3] / tokens,
+            "logit_std": s[4] / tokens,
             "load": counts / counts.sum().clamp(min=1),
-            "active_hist": s[4 + E:] / tokens,
+            "active_hist": s[self.hist_slice] / tokens,
         }
         if isinstance(self.router, DTopPRouter):
             stats["drn_scale"] = self.router.scale().detach()
@@ -354,7 +227,7 @@ def routing_step(model: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Te
         E = layer.num_experts
         layer.routing_last.copy_(acc[: layer.num_stats])
         if layer.default_vectors is not None:
-            layer.default_vectors.update(acc[layer.num_stats:].view(E, layer.dim), acc[4: 4 + E])
+            layer.default_vectors.update(acc[layer.num_stats:].view(E, layer.dim), acc[layer.counts_slice])
         if isinstance(layer.router, DTopPRouter):
             layer.router.clamp_scale_()
             dtopp.append((layer.router.layer_index, acc[0], acc[1]))
@@ -365,15 +238,19 @@ def routing_step(model: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Te
             raise RuntimeError(f"DTop-p layers {[t[0] for t in dtopp]} do not match the controller's "
                                f"{controller.num_layers} layers")
         controller.update(torch.stack([t[1] for t in dtopp]), torch.stack([t[2] for t in dtopp]))
-    return routing_stats(model)
+    return routing_stats(model, warn=False)      # every step: no host read here
 
 
-def routing_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+def routing_stats(model: nn.Module, warn: bool = True) -> dict[str, torch.Tensor]:
     """Latest routing statistics as tensors (converted by the caller on logging steps only).
 
-    Per MoE layer, stacked over layers (L, ...): ``mean_active``, ``entropy``, ``cap_frac``, ``load`` (L, E),
-    ``active_hist`` (L, E+1; fraction of tokens with m experts), ``drn_scale`` (DTop-p). Controller (DTop-p):
-    ``threshold``, ``integral``, ``measured``, ``error`` with one entry per threshold (1 global, L layer-wise).
+    Per MoE layer, stacked over layers (L, ...): ``mean_active``, ``entropy`` (nats), ``cap_frac``, ``logit_std``
+    (mean over tokens of the raw router logits' spread over the experts, before any normalisation), ``load``
+    (L, E), ``active_hist`` (L, E+1; fraction of tokens with m experts), ``drn_scale`` (DTop-p). Controller
+    (DTop-p), one entry per threshold (1 global, L layer-wise): ``threshold``, ``integral``, ``measured``,
+    ``error``, ``threshold_saturated`` (last update: 1 / -1 if it wanted to pass p_max / p_min, else 0) and
+    ``saturated_steps`` (updates that did so since the model was built). With ``warn``, a saturated controller
+    warns once (this reads one value to the host).
     """
     layers = moe_layers(model)
     if not layers:
@@ -382,8 +259,11 @@ def routing_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {k: torch.stack([s[k] for s in per_layer]) for k in per_layer[0] if all(k in s for s in per_layer)}
     controller = _controller_of(layers)
     if controller is not None:
-        for name in ("threshold", "integral", "measured", "error"):
+        for name in ("threshold", "integral", "measured", "error", "saturated_steps"):
             out[name] = getattr(controller, name).detach().clone()
+        out["threshold_saturated"] = controller.saturated.detach().clone()
+        if warn:
+            controller.warn_if_saturated()
     return out
 
 
@@ -402,7 +282,8 @@ def build_controller(routing_cfg, num_experts: int, top_k: int, num_moe_layers: 
     return ThresholdController(
         num_experts=num_experts, target=_or(routing_cfg.target, float(top_k)), num_layers=num_moe_layers,
         scope=routing_cfg.scope, kp=routing_cfg.kp, ki=routing_cfg.ki, p0=routing_cfg.p0,
-        p_min=routing_cfg.p_min, p_max=routing_cfg.p_max, i_max=routing_cfg.i_max)
+        p_min=routing_cfg.p_min, p_max=routing_cfg.p_max, i_max=routing_cfg.i_max,
+        space=routing_cfg.threshold_space)
 
 
 def build_router(dim: int, moe_layer: int, num_experts: int, top_k: int, routing_cfg,
@@ -422,7 +303,7 @@ def build_router(dim: int, moe_layer: int, num_experts: int, top_k: int, routing
         return DTopPRouter(dim, num_experts, controller, moe_layer, k_max=c.k_max,
                            renormalize=_or(c.renormalize, True), lb_coef=_or(c.lb_coef, 1e-4),
                            entropy_coef=_or(c.entropy_coef, 1e-3), lb_global=c.lb_global,
-                           log_scale_max=c.drn_log_scale_max)
+                           log_scale_max=c.drn_log_scale_max, scale_max=c.drn_scale_max)
     raise ValueError(f"routing.type={c.type!r} must be one of topk, topp, dtopp")
 
 

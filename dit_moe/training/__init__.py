@@ -75,6 +75,9 @@ record and over all ranks unless noted):
     router_entropy    MoE: mean router entropy per token (nats)
     cap_frac          Top-p / DTop-p: fraction of tokens that hit routing.k_max
     drn_scale         DTop-p: mean dynamic routing normalization scale
+    threshold_saturated  DTop-p: 1 / -1 if the last controller update wanted to pass p_max / p_min, else 0
+    saturated_steps   DTop-p: controller updates that hit a bound since the run (process) started
+    logit_std         MoE: mean over tokens of the router logits' spread, per layer (DTop-p divides by it)
     num_processes     world size (constant; recorded for the reader)
 
 TensorBoard receives the scalar entries (lists are logged element-wise as ``key/i``).

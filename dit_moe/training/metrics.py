@@ -219,11 +219,14 @@ def routing_metrics(model: nn.Module) -> dict:
     controller = getattr(model, "routing_controller", None)
     if controller is not None:
         out["target_experts"] = float(controller.target)
-        for src, dst in (("threshold", "threshold"), ("integral", "controller_integral"), ("error", "controller_error")):
+        for src, dst in (("threshold", "threshold"), ("integral", "controller_integral"), ("error", "controller_error"),
+                         ("threshold_saturated", "threshold_saturated"), ("saturated_steps", "saturated_steps")):
             v = stats[src]
             out[dst] = v[0] if isinstance(v, list) and len(v) == 1 else v
     if "drn_scale" in stats:
         out["drn_scale"] = float(np.mean(stats["drn_scale"]))
+    if "logit_std" in stats:
+        out["logit_std"] = stats["logit_std"]          # per layer: the spread DRN divides by
     return out
 
 

@@ -1,9 +1,19 @@
 """The one interface every router implements, and the pieces routers share.
 
-A router maps N tokens (N, D) to a flat list of M (token, expert, weight) pairs; M varies for threshold routers.
-The MoE block dispatches those pairs without knowing which router made them. Every router builds its pairs from
-a selection mask (N, E) and a combine-weight matrix (N, E) through ``RouterOutput.from_mask``, which lists them
-sorted by expert (token order within an expert), so the dispatcher needs no sort of its own.
+A router maps N tokens (N, D) to a flat list of M (token, expert, weight) pairs sorted by expert (token order within
+an expert), so the MoE block dispatches them without a sort of its own and without knowing which router made them.
+Two constructors build that list, and they differ in what they cost on a GPU:
+
+    RouterOutput.from_topk(idx (N, k), ...)   M = N k is static: a stable argsort of the flattened expert indices
+                                              gives the expert-sorted pairs; no device-to-host synchronisation.
+    RouterOutput.from_mask(mask (N, E), ...)  M varies (threshold routers): M is read to the host once per call
+                                              (the one synchronisation), then ``nonzero_static`` lists the pairs.
+
+Per-expert counts stay on the device (``counts``; the grouped matmul's offsets are their cumsum); ``sizes`` copies
+them to the host only when the CPU segment loop asks for them. An expert-choice router (each expert takes its top-C
+tokens, M = E C static) would add a third constructor from (E, C) token indices, already expert-major. A selection
+bias (aux-loss-free balancing) would be added to the scores inside ``route``/``select`` only; ``probs`` (combine
+weights, aux losses, Default MoE) stay the unbiased softmax.
 
 Router math runs in fp32 with autocast disabled: the gate W (E, D) is an fp32 parameter and the tokens are cast up.
 """
@@ -25,34 +35,60 @@ class RouterOutput:
     weight: torch.Tensor       # (M,) fp32 combine weight
     probs: torch.Tensor        # (N, E) fp32 full router probabilities (aux losses, Default MoE)
     mask: torch.Tensor         # (N, E) bool selection mask
-    aux_loss: torch.Tensor     # () fp32, coefficients already applied (0 when unused)
     num_active: torch.Tensor   # (N,) long experts per token, for statistics and the DTop-p controller
-    counts: torch.Tensor       # (E,) long tokens per expert (device)
-    sizes: tuple[int, ...]     # the same counts on the host: the dispatcher's segment sizes (one sync per layer)
+    counts: torch.Tensor       # (E,) long tokens per expert, on the device
+    aux_loss: torch.Tensor | None = None   # () fp32, coefficients already applied (0 when unused); set by Router
     aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # separate weighted aux terms, for logging
-    capped: torch.Tensor | None = None  # (N,) bool: tokens whose selection the k_max cap shortened
+    capped: torch.Tensor | None = None     # (N,) bool: tokens whose selection the k_max cap shortened
+    logits: torch.Tensor | None = None     # (N, E) fp32 raw router logits (before any normalisation)
+    _sizes: tuple[int, ...] | None = field(default=None, repr=False)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Per-expert segment sizes on the host: a device-to-host copy, made once. Only the CPU segment loop (and
+        tests) need it; the grouped-matmul path reads ``counts`` on the device."""
+        if self._sizes is None:
+            self._sizes = tuple(self.counts.tolist())
+        return self._sizes
+
+    @classmethod
+    def from_topk(cls, idx: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor, **kw) -> "RouterOutput":
+        """Pairs from a fixed number of experts per token: idx (N, k) long, weights (N, k). No host sync.
+
+        Pair j of the flattened (N k,) lists is (token j // k, expert idx.flat[j]); a stable sort by expert keeps
+        token order within each expert, i.e. exactly the order ``from_mask`` gives for the same selection.
+        """
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True)
+        return cls(token_idx=order.div(k, rounding_mode="floor"), expert_idx=flat.index_select(0, order),
+                   weight=weights.reshape(-1).index_select(0, order), probs=probs, mask=mask,
+                   num_active=torch.full((N,), k, dtype=torch.long, device=idx.device), counts=mask.sum(0), **kw)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor, **kw) -> "RouterOutput":
-        """Flatten a selection mask (N, E) and a weight matrix (N, E) into expert-sorted pairs.
+        """Pairs from a selection mask (N, E) and a weight matrix (N, E), for a variable number of experts per token.
 
-        The per-expert counts are read to the host once; ``nonzero_static`` on the transposed mask then yields the
-        pairs already grouped by expert without a second synchronisation.
+        The number of pairs M is data-dependent and ``nonzero_static`` needs it as a Python int: this host read is
+        the one synchronisation per call (per MoE layer), unavoidable without padding every token to E experts.
+        ``nonzero_static`` on the transposed mask then yields the pairs already grouped by expert.
         """
-        counts = mask.sum(0)                                          # (E,)
-        sizes = tuple(counts.tolist())
-        pairs = torch.nonzero_static(mask.t(), size=sum(sizes))       # (M, 2) rows (expert, token), expert-major
+        counts = mask.sum(0)                                                          # (E,)
+        num_pairs = int(counts.sum())                                                 # the one host sync
+        pairs = torch.nonzero_static(mask.t(), size=num_pairs)                        # (M, 2) rows (expert, token)
         expert_idx, token_idx = pairs.unbind(1)
-        return cls(token_idx=token_idx, expert_idx=expert_idx, weight=weights[token_idx, expert_idx], probs=probs,
-                   mask=mask, num_active=mask.sum(1), counts=counts, sizes=sizes, **kw)
+        flat_idx = token_idx * mask.shape[1] + expert_idx
+        return cls(token_idx=token_idx, expert_idx=expert_idx, weight=weights.reshape(-1).index_select(0, flat_idx),
+                   probs=probs, mask=mask, num_active=mask.sum(1), counts=counts, **kw)
 
 
 def load_balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch / DiT-MoE load balance: E * sum_i f_i * P_i with f_i = count_i / sum(count) and P_i = mean_t pi_ti.
 
     ``counts`` (E,) counts (token, expert) assignments, so f_i = E count_i / sum_t m_t also holds when the number of
-    experts per token varies (routing-spec 3.6). It is a constant: the gradient flows through P only. Equals 1 under
-    perfect balance; the caller applies the coefficient.
+    experts per token varies (the natural extension to top-p routing). It is a constant: the gradient flows through
+    P only. Equals 1 under perfect balance; the caller applies the coefficient.
     """
     num_experts = probs.shape[1]
     f = counts.float() / counts.sum().clamp(min=1)
@@ -86,7 +122,9 @@ def top_p_mask(probs: torch.Tensor, threshold: torch.Tensor | float, k_max: int 
 class Router(nn.Module):
     """Base class: the gate W (E, D) in fp32, combine weights and the shared aux losses.
 
-    Subclasses implement ``probs(logits) -> (N, E)`` and ``select(probs) -> (mask (N, E) bool, capped (N,) bool|None)``.
+    Subclasses implement ``select(probs) -> (mask (N, E) bool, capped (N,) bool | None)``, and may override
+    ``route(probs) -> RouterOutput`` when they can list their pairs more cheaply than from a mask (Top-k does).
+    ``probs(logits)`` is the softmax unless overridden (DTop-p normalises first).
     Combine weights are the selected probabilities, renormalised over the selection when ``renormalize``.
     """
 
@@ -119,6 +157,14 @@ class Router(nn.Module):
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def route(self, probs: torch.Tensor) -> RouterOutput:
+        """(N, E) probabilities -> RouterOutput (pairs, mask, counts): select, weight, list the pairs."""
+        mask, capped = self.select(probs)
+        weights = probs * mask
+        if self.renormalize:
+            weights = weights / weights.sum(1, keepdim=True)
+        return RouterOutput.from_mask(mask, weights, probs, capped=capped)
+
     def aux_losses(self, probs: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         """The weighted auxiliary terms (only those with a non-zero coefficient)."""
         terms = {}
@@ -135,12 +181,11 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """(N, D) tokens -> RouterOutput with expert-sorted pairs; aux losses are computed in training only."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            probs = self.probs(self.logits(x))
-            mask, capped = self.select(probs)
-            weights = probs * mask
-            if self.renormalize:
-                weights = weights / weights.sum(1, keepdim=True)
-            out = RouterOutput.from_mask(mask, weights, probs, aux_loss=probs.new_zeros(()), capped=capped)
+            logits = self.logits(x)
+            probs = self.probs(logits)
+            out = self.route(probs)
+            out.logits = logits
+            out.aux_loss = probs.new_zeros(())
             if self.training:
                 out.aux_terms = self.aux_losses(probs, out.counts)
                 if out.aux_terms:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Router
+from .base import Router, RouterOutput
 
 
 class TopKRouter(Router):
-    """Every token activates exactly ``top_k`` experts; Switch-style load balance (DiT-MoE: coefficient 0.01)."""
+    """Every token activates exactly ``top_k`` experts; Switch-style load balance (DiT-MoE: coefficient 0.01).
+
+    The number of pairs is static (N k), so ``route`` lists them without any device-to-host synchronisation.
+    """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool = False, lb_coef: float = 0.01,
                  entropy_coef: float = 0.0, lb_global: bool = False):
@@ -20,6 +23,12 @@ class TopKRouter(Router):
         """(N, E) -> mask with exactly top_k True per row."""
         idx = probs.topk(self.top_k, dim=1).indices
         return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True), None
+
+    def route(self, probs: torch.Tensor) -> RouterOutput:
+        weights, idx = probs.topk(self.top_k, dim=1)                               # (N, k) each
+        if self.renormalize:
+            weights = weights / weights.sum(1, keepdim=True)
+        return RouterOutput.from_topk(idx, weights, probs)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"

@@ -1,0 +1,138 @@
+"""No device-to-host synchronisation from routing or dispatch on the code path CUDA takes (issue 14.2).
+
+On a GPU a host read of a device value (``.item()``, ``.tolist()``, ``nonzero`` without a static size, ``bincount``
+sizing its output, boolean indexing) stalls the CPU until the GPU queue drains. The grouped-matmul path needs none
+for Top-k and one per MoE layer for the threshold routers (their number of pairs is data-dependent). This test
+forces that path on the CPU (``USE_GROUPED_MM = True``) and records, with a TorchDispatchMode, every aten op that
+forces such a read on CUDA, plus Python-level copies of tensors to lists or NumPy (which bypass the dispatcher).
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dit_moe.models.moe as moe_mod
+from dit_moe.config import ModelConfig, RoutingConfig
+from dit_moe.models.dit import DiT
+from dit_moe.models.moe import build_controller, build_moe_mlp, collect_aux_loss, routing_step
+
+# aten ops that read a device value on the host (or size their output from one) when run on CUDA
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "argwhere", "masked_select",
+            "bincount", "histc", "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
+            "nonzero_numpy", "masked_scatter"}
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records the aten ops (and tensor -> Python copies) that synchronise with the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if name in SYNC_OPS:
+            self.syncs.append(name)
+        elif name == "repeat_interleave" and kwargs.get("output_size") is None and func._overloadname == "Tensor":
+            self.syncs.append("repeat_interleave without output_size")
+        elif name in ("index", "index_put", "index_put_"):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(i is not None and i.dtype == torch.bool for i in indices):
+                self.syncs.append(f"{name} with a boolean mask")
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def record(monkeypatch):
+    monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", True)          # the path CUDA takes
+    recorder = SyncRecorder()
+    for method in ("tolist", "numpy", "cpu"):                     # they bypass the dispatcher on CPU tensors
+        original = getattr(torch.Tensor, method)
+
+        def wrapped(self, *a, _original=original, _name=method, **kw):
+            recorder.syncs.append(f"Tensor.{_name}")
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, method, wrapped)
+    return recorder
+
+
+def _moe_mlp(cfg, shared=0, dim=16, experts=4):
+    torch.manual_seed(0)
+    mc = ModelConfig(expert_hidden_ratio=2.0, num_shared_experts=shared)
+    controller = build_controller(cfg, experts, 2, 1)
+    moe = build_moe_mlp(dim, 0, experts, 2, mc, cfg, controller)
+    moe.controller_ref = controller                              # keep the controller alive (no model owns it)
+    return moe.train()
+
+
+def _tiny_dit(cfg, depth=2):
+    mc = ModelConfig(expert_hidden_ratio=2.0)
+    controller = build_controller(cfg, 4, 2, depth)
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=4, num_classes=10,
+                mlp_factory=lambda i: build_moe_mlp(32, i, 4, 2, mc, cfg, controller))
+    if controller is not None:
+        model.routing_controller = controller
+    return model.train()
+
+
+def _dit_step(model):
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.randint(0, 1000, (3,), generator=g), torch.randint(0, 10, (3,), generator=g)
+    out = model(x, t, y)
+    (out.square().mean() + collect_aux_loss(model)[0]).backward()
+
+
+def _mlp_step(moe):
+    x = torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    (moe(x).square().mean() + collect_aux_loss(moe)[0]).backward()
+
+
+def _count(record, step, module):
+    step(module)                                                  # warm-up: the one-off grouped_mm probe
+    routing_step(module)
+    record.syncs.clear()
+    with record:
+        step(module)
+        routing_step(module)                                      # controller, Default MoE, statistics
+    return list(record.syncs)
+
+
+TOPK_CASES = {
+    "topk": RoutingConfig(type="topk"),
+    "topk_renorm_shared": RoutingConfig(type="topk", renormalize=True),
+    "topk_default_moe": RoutingConfig(type="topk", default_moe=True, default_mode="forward"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOPK_CASES))
+def test_topk_moe_mlp_forward_backward_has_no_host_sync(case, record):
+    moe = _moe_mlp(TOPK_CASES[case], shared=1 if "shared" in case else 0)
+    assert moe_mod._grouped_mm_available(moe.experts, torch.device("cpu"), torch.float32)
+    assert _count(record, _mlp_step, moe) == []
+
+
+def test_topk_tiny_dit_forward_backward_has_no_host_sync(record):
+    assert _count(record, _dit_step, _tiny_dit(RoutingConfig(type="topk"))) == []
+
+
+@pytest.mark.parametrize("rtype", ["topp", "dtopp"])
+def test_threshold_routers_sync_once_per_moe_layer(rtype, record):
+    """One host read per layer and forward: the number of pairs, in RouterOutput.from_mask."""
+    assert _count(record, _mlp_step, _moe_mlp(RoutingConfig(type=rtype))) == ["_local_scalar_dense"]
+    depth = 3
+    assert _count(record, _dit_step, _tiny_dit(RoutingConfig(type=rtype, default_moe=True), depth=depth)) == \
+        ["_local_scalar_dense"] * depth
+
+
+def test_recorder_catches_what_it_should(record):
+    """The recorder itself: the old dispatch (host sizes from counts.tolist()) and typical sync ops are caught."""
+    t = torch.tensor([0, 2, 1, 2])
+    with record:
+        t.tolist()
+        int(t.sum())
+        torch.bincount(t)
+        t[t > 0]
+        torch.nonzero_static(t, size=3)                           # static size: no sync
+        torch.repeat_interleave(t, t, output_size=5)              # static size: no sync
+    assert record.syncs == ["Tensor.tolist", "_local_scalar_dense", "bincount", "index with a boolean mask"]
