@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dit_moe.demo
+	$(PY) -m dit_moe demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -207,15 +207,16 @@ CHOICES = {
 }
 
 
-def sample_problems(s: SampleConfig, objective: str, in_channels: Optional[int] = None,
+def sample_problems(s: SampleConfig, objective: Optional[str], in_channels: Optional[int] = None,
                     name=lambda field: field) -> list[str]:
     """What is wrong with sampling settings ``s`` for a model of ``objective``: one line per problem, each starting
-    with ``name(field)`` (``sample.steps`` in a config file, ``--steps`` on the command line)."""
+    with ``name(field)`` (``sample.steps`` in a config file, ``--steps`` on the command line). ``objective`` None:
+    only the rules that hold for every model (command-line values checked before a checkpoint is loaded)."""
     problems = []
     if s.sampler is not None:
         if s.sampler not in ALL_SAMPLERS:
             problems.append(f"{name('sampler')}: {s.sampler!r} is not one of {ALL_SAMPLERS}")
-        elif s.sampler not in SAMPLERS[objective]:
+        elif objective is not None and s.sampler not in SAMPLERS[objective]:
             problems.append(f"{name('sampler')}: {s.sampler!r} is a "
                             f"{'flow' if objective == 'ddpm' else 'DDPM'} sampler; a model trained with diffusion."
                             f"objective={objective} samples with {' | '.join(SAMPLERS[objective])}")
@@ -237,10 +238,10 @@ def sample_problems(s: SampleConfig, objective: str, in_channels: Optional[int] 
     if s.time_shift is not None:
         if not (math.isfinite(s.time_shift) and s.time_shift > 0):
             problems.append(f"{name('time_shift')}: time_shift={s.time_shift} must be a finite number > 0 (1 = none)")
-        elif objective != "flow":
+        elif objective is not None and objective != "flow":
             problems.append(f"{name('time_shift')}: the time shift applies to flow samplers; this model was trained "
                             f"with diffusion.objective={objective}")
-    if s.clip_denoised and objective != "ddpm":
+    if s.clip_denoised and objective is not None and objective != "ddpm":
         problems.append(f"{name('clip_denoised')}: clipping the predicted x0 is a DDPM-sampler option; this model "
                         f"was trained with diffusion.objective={objective}")
     for key in ("num_per_class", "batch_size"):
@@ -264,18 +265,29 @@ class CliText(str):
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected. Nested
+    dataclasses and ``list[...]`` (of scalars or dataclasses) are checked element by element."""
     if isinstance(value, CliText):
         # `train.run_name=nan` or `model.name=123` stay strings; everything else is parsed as YAML.
         if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
                          and value not in ("null", "~", "None")):
             return str(value)
         value = _parse_scalar(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
     origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and (dataclasses.is_dataclass(inner[0]) or typing.get_origin(inner[0]) is list):
+            return _coerce(value, inner[0], key)       # the nested message names the key inside
         errors = []
         for a in args:
             if a is type(None):
@@ -314,26 +326,34 @@ def _type_name(tp) -> str:
 
 
 def from_dict(cls, d: dict, where: str = "config"):
-    """Build dataclass ``cls`` from a nested dict, validating every key, type and choice."""
+    """Build dataclass ``cls`` from a nested dict, validating every key, type and choice.
+
+    The one schema mechanism of the toolkit (experiment configs, study configs). A field's ``metadata`` may give
+    ``key`` (its name in the file, e.g. ``from``, a Python keyword) and ``choices``; a field without a default is
+    a required key. ``where`` names ``d`` in messages (``""``: the top of a file, whose keys need no prefix).
+    """
+    at = f"{where}: " if where else ""
     if d is None:
         d = {}
     if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{at}expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        raise ConfigError(f"{at}unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+    missing = [k for k, f in fields.items() if k not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{at}missing key(s) {', '.join(missing)}")
     kwargs = {}
     for name, value in d.items():
-        tp = hints[name]
-        key = name if where == "config" else f"{where}.{name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, key)
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-            if key in CHOICES and kwargs[name] not in CHOICES[key]:
-                raise ConfigError(f"{key}: {value!r} is not one of {CHOICES[key]}")
+        f = fields[name]
+        key = name if where in ("config", "") else f"{where}.{name}"
+        kwargs[f.name] = _coerce(value, hints[f.name], key)
+        choices = f.metadata.get("choices", CHOICES.get(key))
+        if choices is not None and kwargs[f.name] not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
     return cls(**kwargs)
 
 

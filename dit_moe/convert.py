@@ -1,8 +1,8 @@
 """Published DiT weights in (and out): facebookresearch/DiT files and diffusers DiT models as dit-moe checkpoints.
 
-    python -m dit_moe.convert DiT-XL-2-256x256.pt --out checkpoints/DiT-XL-2-256
-    python -m dit_moe.convert facebook/DiT-XL-2-256 --out checkpoints/DiT-XL-2-256-hf   # hub id or a local folder
-    python -m dit_moe.convert checkpoints/my-dense --to diffusers --out exported/my-dense  # a DiTPipeline folder
+    dit-moe convert DiT-XL-2-256x256.pt --out checkpoints/DiT-XL-2-256
+    dit-moe convert facebook/DiT-XL-2-256 --out checkpoints/DiT-XL-2-256-hf   # hub id or a local folder
+    dit-moe convert checkpoints/my-dense --to diffusers --out exported/my-dense  # a DiTPipeline folder
 
 Sources. A ``.pt``/``.pth`` file of facebookresearch/DiT: a plain state dict (the published DiT-XL-2-256x256.pt and
 -512x512.pt hold the EMA weights) or a training checkpoint ``{"model", "ema", "opt", "args"}`` (model and EMA are
@@ -49,14 +49,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checkpoint import EMA_FILE, CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, SampleConfig, TrainConfig
-from .layouts import (LayoutError, check_state, detect_layout, diffusers_model_config, diffusers_to_dit_moe,
-                      dit_to_dit_moe, infer_dit_config, module_from_state)
+from .checkpoint import EMA_FILE, is_checkpoint, load_checkpoint, save_checkpoint
+from .checks import check_at_least
+from .config import DataConfig, ExperimentConfig, ModelConfig, SampleConfig, TrainConfig
+from .errors import DitMoeError
+from .layouts import (check_state, detect_layout, diffusers_model_config, diffusers_to_dit_moe, dit_to_dit_moe,
+                      infer_dit_config, module_from_state)
 from .registry import parse_name
 
 __all__ = ["ConvertError", "Imported", "read_source", "save_imported", "prepare_output", "dit_experiment", "one_line",
-           "imagenet_class_names", "build_parser", "main"]
+           "imagenet_class_names", "add_arguments", "run", "main"]
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"     # DiT's sample_ddp.py default for its FID runs
 SD_VAE_SCALING, SD_VAE_FACTOR = 0.18215, 8
@@ -64,7 +66,7 @@ CONVENTIONS = ("dit", "diffusers")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ConvertError(ValueError):
+class ConvertError(DitMoeError, ValueError):
     """A source that cannot be converted, or an output that must not be written; the message names it."""
 
 
@@ -372,9 +374,9 @@ def save_imported(imp: Imported, out: str | os.PathLike, *, overwrite: bool = Fa
 #                                            Command line
 # ---------------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit_moe.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("source", help="DiT .pt/.safetensors file, diffusers DiT folder or hub id; with --to diffusers a "
                    "dit-moe checkpoint (or run folder)")
     p.add_argument("--out", required=True, help="output folder (a dit-moe checkpoint, or a diffusers folder)")
@@ -386,10 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="export: which weights (default ema)")
     p.add_argument("--transformer-only", action="store_true", help="export: only transformer/, no DiTPipeline")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind")
-    return p
 
 
 def run(args: argparse.Namespace) -> Path:
+    check_at_least("--input-size", args.input_size, 1, ConvertError)
     if Path(args.out).resolve() == Path(args.source).resolve():
         raise ConvertError(f"--out {args.out} is the source itself")
     if args.to == "diffusers":
@@ -403,7 +405,7 @@ def run(args: argparse.Namespace) -> Path:
     imp = read_source(args.source, convention=args.convention, vae=args.vae, input_size=args.input_size)
     if imp.kind == "dit-moe":
         raise ConvertError(f"{args.source}: already a dit-moe checkpoint; use it directly, upcycle it "
-                           "(python -m dit_moe.upcycle) or export it (--to diffusers)")
+                           "(dit-moe upcycle) or export it (--to diffusers)")
     out = save_imported(imp, args.out, overwrite=args.overwrite)
     cfg = imp.model_config
     print(f"wrote {out}: {cfg.name}, {cfg.in_channels}x{cfg.input_size}x{cfg.input_size} latents, {cfg.num_classes} "
@@ -415,13 +417,9 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ConvertError, LayoutError, CheckpointError, ConfigError, OSError) as e:
-        print(f"convert: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    from .cli import run_command
+
+    return run_command("convert", argv, prog="python -m dit_moe.convert", label="convert")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m dit_moe.demo` (what `make demo` runs): the whole pipeline on the embedded digits, one command.
+"""`dit-moe demo` (what `make demo` runs; also `python -m dit_moe.demo`): the whole pipeline on the embedded digits, one command.
 
 1. trains ``configs/default.yaml`` (a tiny DiT-MoE with DTop-p routing on sklearn's 8x8 digits; resumes if interrupted),
 2. samples a labelled grid of every class with the EMA weights (the checkpoint's sampler unless flags say otherwise),
@@ -46,14 +46,21 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
     and ``vae`` as in ``dit_moe.inference.load``.
     """
     from . import analyze, inference, sampling
-    from .config import load_config
+    from .config import load_config, sample_problems
     from .training import train
 
     timings = {}
     cfg = load_config(config, overrides or [])
     if cfg.train.run_name is None:
         cfg.train.run_name = Path(config).stem
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if num_samples < 1:
+        raise sampling.SamplingError(f"--num-samples {num_samples} must be >= 1")
+    # The sampling settings against the objective to be trained: a bad flag fails now, not after training.
+    problems = sample_problems(dataclasses.replace(cfg.sample, **(sampling_overrides or {})), cfg.diffusion.objective,
+                               cfg.model.in_channels, name=lambda f: sampling.FLAGS.get(f, f))
+    if problems:
+        raise sampling.SamplingError(problems[0])
+    device = str(inference.resolve_device(device))
 
     print(f"[1/4] training {cfg.model.name} ({cfg.routing.type}, objective {cfg.diffusion.objective}) for "
           f"{cfg.train.steps} steps on {cfg.data.source} data")
@@ -106,26 +113,24 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
     return result
 
 
-def main(argv=None) -> int:
-    from .sampling.flags import add_checkpoint_arguments, add_sampler_arguments, flag_overrides
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .sampling.flags import add_checkpoint_arguments, add_sampler_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m dit_moe.demo", description=__doc__.split("\n")[0])
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--num-samples", type=int, default=1000, help="samples for the FID and the accuracy")
     add_checkpoint_arguments(parser)
     add_sampler_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .training import TrainingError
 
-    try:
-        r = run_demo(args.config, args.overrides, args.num_samples, flag_overrides(args), args.device, args.weights,
-                     args.vae)
-    except (ConfigError, CheckpointError, TrainingError, RuntimeError, ValueError) as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 1
+
+def run(args: argparse.Namespace) -> dict:
+    """``run_demo`` with the command line's values; prints where everything is and returns demo.json's content."""
+    from .sampling.flags import flag_overrides
+
+    r = run_demo(args.config, args.overrides, args.num_samples, flag_overrides(args), args.device, args.weights,
+                 args.vae)
     f = r["files"]
     print("\n=== dit-moe demo finished ===")
     print(f"run folder:           {r['run_dir']}")
@@ -137,7 +142,13 @@ def main(argv=None) -> int:
     print(f"training log:         {f['metrics_log']}")
     print("analysis plots:       " + "\n                      ".join(f["analysis"] + f["curves"]))
     print(f"timings (s):          {r['timings']}")
-    return 0
+    return r
+
+
+def main(argv=None) -> int:
+    from .cli import run_command
+
+    return run_command("demo", argv, prog="python -m dit_moe.demo", label="demo")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,19 @@ its traceback.
       DataError (also a ValueError)            a dataset, shard, manifest or image that cannot be used
       InputNotFoundError (also a FileNotFoundError)   a path the user named does not exist
       EvaluationError (also a ValueError)      dit_moe.evaluate: inputs that cannot be compared
+      SamplingError (also a ValueError)        dit_moe.sampling: class ids, labels, settings, output paths
+      AnalysisError (also a ValueError)        dit_moe.analyze: a dense model, a missing log, bad classes
+      InferenceError (also a ValueError)       dit_moe.inference: a checkpoint that cannot become a sampler, a device
+      StudyError (also a ValueError)           dit_moe.study: a study config key or value, a failed study step
+      ConvertError, LayoutError (ValueErrors)  dit_moe.convert / layouts: a source that cannot be converted
+      UpcycleError (also a ValueError)         dit_moe.upcycle: a request that cannot be honoured
       TrainingError (also a RuntimeError)      training cannot continue
         TrainingDivergedError                  the loss became NaN or infinite
         TrainingInterrupted                    SIGTERM/SIGINT; a checkpoint was written (exit 128 + signal)
         RunLockedError                         another live process holds the run folder
+
+The entry points (``dit_moe.cli.dispatch``) also print an ``OSError`` -- a path that cannot be read or written, a
+full disk; its message names the file -- as one line with exit code 2.
 
 The second base keeps ``except ValueError`` / ``except FileNotFoundError`` callers working.
 """

@@ -1,6 +1,6 @@
 """Export a dense dit-moe checkpoint to diffusers: a DiTTransformer2DModel and, with a VAE, a DiTPipeline folder.
 
-    python -m dit_moe.convert CHECKPOINT --to diffusers --out DIR [--weights ema|model] [--vae VAE] [--transformer-only]
+    dit-moe convert CHECKPOINT --to diffusers --out DIR [--weights ema|model] [--vae VAE] [--transformer-only]
 
 The inverse of the diffusers import (dit_moe/layouts.py): q, k, v split from the fused qkv, one copy of the
 timestep/label embedders per block, the MLP LayerNorm eps as the config's norm_eps. MoE models are refused (one

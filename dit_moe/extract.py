@@ -1,7 +1,7 @@
 """Image folder -> latent shards: VAE posterior moments of every image and of its mirror image.
 
-    python -m dit_moe.extract IMAGE_ROOT OUTPUT [--vae stabilityai/sd-vae-ft-ema] [--image-size 256]
-    accelerate launch -m dit_moe.extract IMAGE_ROOT OUTPUT ...     # one process per GPU
+    dit-moe extract IMAGE_ROOT OUTPUT [--vae stabilityai/sd-vae-ft-ema] [--image-size 256]
+    accelerate launch -m dit_moe extract IMAGE_ROOT OUTPUT ...     # one process per GPU
 
 IMAGE_ROOT is an ImageNet-style class folder, IMAGE_ROOT/<class_name>/**/<image>; labels are the positions of
 the sorted class folder names. Every image gets the ADM centre crop (`center_crop`), goes to [-1, 1], and is
@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from .data.latents import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
-from .errors import DataError, DitMoeError, InputNotFoundError, cli_error
+from .errors import DataError, InputNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -404,11 +404,9 @@ def extract_latents(
     return json.loads(manifest_path.read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dit-moe-extract",
-        description="Encode an ImageNet-style class folder into VAE latent shards (posterior mean/std of each image and its flip).",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("image_root", help="folder of class sub-folders: IMAGE_ROOT/<class_name>/<image>")
     parser.add_argument("output", help="output directory; re-running with the same one resumes")
     parser.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local directory (default: %(default)s)")
@@ -417,22 +415,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding processes per extraction process (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many images per process (resume later)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """``extract_latents`` with the command line's values; returns the manifest."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        extract_latents(
-            args.image_root,
-            args.output,
-            vae=args.vae,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            num_workers=args.num_workers,
-            limit=args.limit,
-        )
-    except DitMoeError as e:
-        return cli_error("extract", e)
-    return 0
+    return extract_latents(
+        args.image_root,
+        args.output,
+        vae=args.vae,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        num_workers=args.num_workers,
+        limit=args.limit,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_command
+
+    return run_command("extract", argv, prog="python -m dit_moe.extract", label="extract")
 
 
 if __name__ == "__main__":

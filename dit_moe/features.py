@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from .errors import EvaluationError
+
 
 #################################################################################
 #                     Preprocessing shared with the demo                         #
@@ -213,7 +215,7 @@ def load_digits_cnn(path=None):
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise RuntimeError(f"digits-cnn cache {path} is unreadable ({e}); delete it to retrain") from e
+            raise EvaluationError(f"digits-cnn cache {path} is unreadable ({e}); delete it to retrain") from e
         if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT:
             blob = None  # an older recipe: retrain below
     else:

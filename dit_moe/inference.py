@@ -26,12 +26,29 @@ import torch
 
 from .config import DiffusionConfig, ExperimentConfig, SampleConfig
 from .data import DataInfo
+from .errors import DitMoeError
 
-__all__ = ["InferenceError", "InferenceBundle", "load", "from_model", "get_decoder"]
+__all__ = ["InferenceError", "InferenceBundle", "load", "from_model", "get_decoder", "resolve_device"]
 
 
-class InferenceError(ValueError):
+class InferenceError(DitMoeError, ValueError):
     """A checkpoint cannot be turned into a sampler (bad data_info, no way to decode); the message names the path."""
+
+
+def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
+    """``device`` as a torch.device (default: CUDA when available); InferenceError naming the value when it is not a
+    device name or names a CUDA device this machine lacks."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InferenceError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"device {device!r}: CUDA is not available on this machine")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InferenceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 @functools.lru_cache(maxsize=4)
@@ -127,7 +144,7 @@ def load(path: str | Path, weights: str = "ema", device: Optional[str | torch.de
     from .checkpoint import build_from_checkpoint
     from .diffusion import build_objective
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model, ckpt = build_from_checkpoint(path, which=weights, device=device)
     experiment = ckpt.experiment
     objective = build_objective(experiment.diffusion if experiment is not None else DiffusionConfig(),

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, ModelConfig, RoutingConfig
+from .errors import DitMoeError
 from .models.dit import get_2d_sincos_pos_embed
 from .registry import build_model, dense_name, parse_name
 
@@ -33,7 +34,7 @@ __all__ = ["LayoutError", "detect_layout", "infer_dit_config", "dit_to_dit_moe",
 CLASS_DROPOUT = 0.1
 
 
-class LayoutError(ValueError):
+class LayoutError(DitMoeError, ValueError):
     """Weights that do not fit a layout; the message names the file and the tensor."""
 
 

@@ -1,10 +1,10 @@
 """Sparse upcycling: a dense DiT checkpoint -> a DiT-MoE checkpoint that computes the dense model at step 0.
 
-    python -m dit_moe.upcycle checkpoints/DiT-XL-2-256 --model DiT-XL/2-E8K2 --routing dtopp --out checkpoints/XL2-E8K2
-    python -m dit_moe.upcycle DiT-XL-2-256x256.pt --model DiT-XL/2-E8K2 --routing topk --noise 0.01 --out ...
-    python train.py --config CONFIG train.init_from=checkpoints/XL2-E8K2 ...     # fine-tune: new optimizer, step 0
+    dit-moe upcycle checkpoints/DiT-XL-2-256 --model DiT-XL/2-E8K2 --routing dtopp --out checkpoints/XL2-E8K2
+    dit-moe upcycle DiT-XL-2-256x256.pt --model DiT-XL/2-E8K2 --routing topk --noise 0.01 --out ...
+    dit-moe train --config CONFIG train.init_from=checkpoints/XL2-E8K2 ...     # fine-tune: new optimizer, step 0
 
-SRC is a dense dit-moe checkpoint or anything ``python -m dit_moe.convert`` reads (converted on the fly).
+SRC is a dense dit-moe checkpoint or anything ``dit-moe convert`` reads (converted on the fly).
 Trailing ``section.key=value`` items override the written experiment config (routing.target=2, model.moe_every=2).
 
 Experts. Every MoE block's experts are filled from that block's dense MLP (fc1: D -> H = 4D, GELU-tanh, fc2), which
@@ -54,21 +54,22 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, is_checkpoint, save_checkpoint
+from .checkpoint import is_checkpoint, save_checkpoint
 from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, apply_overrides
-from .convert import ConvertError, prepare_output, read_source
-from .layouts import LayoutError, check_state, module_from_state
+from .convert import prepare_output, read_source
+from .errors import DitMoeError
+from .layouts import check_state, module_from_state
 from .registry import parse_name
 
 __all__ = ["UpcycleError", "ROUTER_INITS", "partitions", "exactness", "upcycle_state_dict", "upcycle",
-           "build_parser", "main"]
+           "add_arguments", "run", "main"]
 
 ROUTER_INITS = ("random", "zero")
 # Fields of the dense model an upcycled model must keep (they shape or define the function of the copied parts).
 KEPT_FIELDS = ("input_size", "in_channels", "num_classes", "learn_sigma", "timestep_freq_shift", "mlp_norm_eps")
 
 
-class UpcycleError(ValueError):
+class UpcycleError(DitMoeError, ValueError):
     """An upcycling request that cannot be honoured; the message says which value and why."""
 
 
@@ -208,6 +209,8 @@ def upcycle(src: str, model: str, out: str, *, routing: Optional[str] = None, ov
         raise UpcycleError(f"--router-init {router_init!r} is not one of {ROUTER_INITS}")
     if not noise >= 0:
         raise UpcycleError(f"--noise {noise} must be >= 0")
+    if not any(o.startswith("model.name=") for o in overrides) and not parse_name(model).is_moe:   # before reading
+        raise UpcycleError(f"--model {model} is dense; name the MoE target, e.g. {model}-E8K2")
     imp = read_source(src)
     source = imp.model_config
     src_arch = parse_name(source.name)
@@ -261,9 +264,9 @@ def upcycle(src: str, model: str, out: str, *, routing: Optional[str] = None, ov
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dit_moe.upcycle", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("source", help="dense dit-moe checkpoint (or a DiT .pt / diffusers folder / hub id)")
     p.add_argument("--model", required=True, help="MoE registry name of the same size and patch, e.g. DiT-XL/2-E8K2")
     p.add_argument("--routing", choices=("topk", "topp", "dtopp"), help="router family (default: the config's, topk)")
@@ -273,18 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-init", choices=ROUTER_INITS, default="random", help="router weights (see --help text)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dit-moe checkpoint at --out")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. routing.target=2 model.moe_every=2")
-    return p
+
+
+def run(args: argparse.Namespace) -> Path:
+    return upcycle(args.source, args.model, args.out, routing=args.routing, overrides=args.overrides,
+                   noise=args.noise, seed=args.seed, router_init=args.router_init, overwrite=args.overwrite)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
-    try:
-        upcycle(args.source, args.model, args.out, routing=args.routing, overrides=args.overrides, noise=args.noise,
-                seed=args.seed, router_init=args.router_init, overwrite=args.overwrite)
-    except (UpcycleError, ConvertError, LayoutError, CheckpointError, ConfigError, OSError) as e:
-        print(f"upcycle: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    from .cli import run_command
+
+    return run_command("upcycle", argv, prog="python -m dit_moe.upcycle", label="upcycle")
 
 
 if __name__ == "__main__":

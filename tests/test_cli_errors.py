@@ -1,4 +1,5 @@
-"""Bad input at the command line: train.py, evaluate and extract exit with code 2 and one line that names the key,
+"""Bad input at the command line: every command (train, sample, evaluate, analyze, extract, study, demo, convert,
+upcycle; `dit-moe` and the old entry points alike) exits with code 2 and one line that names the key,
 file or value, before any work and without creating anything. Also: the config validation pass, the error base,
 FID of identical sets, 16-bit images in extraction."""
 import json
@@ -240,3 +241,323 @@ def test_bad_extract_input_exits_2_with_one_line(tmp_path, capsys):
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("extract: error: ")]
         assert len(errors) == 1 and match in errors[0], errors   # (the hub client may warn on stderr too)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                  The one command: dit-moe and its subcommands
+# ---------------------------------------------------------------------------------------------------------
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+                HF_HUB_OFFLINE="1")
+
+
+def test_dit_moe_help_lists_every_command_without_loading_torch():
+    from dit_moe.cli import COMMANDS
+
+    code = ("import sys; from dit_moe.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules, 'dit-moe --help imported torch'")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert set(COMMANDS) >= {"train", "sample", "evaluate", "analyze", "extract", "study", "demo", "models", "convert",
+                             "upcycle"}
+    for name, command in COMMANDS.items():           # one line each: the name and its help
+        assert any(line.split()[:1] == [name] and command.help in line for line in lines), (name, proc.stdout)
+    proc = subprocess.run([sys.executable, "-m", "dit_moe", "--help"], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.splitlines() == lines, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "evaluate", "analyze", "extract", "study", "demo", "models",
+                                  "convert", "upcycle"])
+def test_every_command_mounts_its_own_arguments(name, capsys):
+    from dit_moe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: dit-moe {name} ")
+    assert "--help" in out and len(out.splitlines()) > 3
+
+
+def test_unknown_command_and_bad_flag_exit_2(capsys):
+    from dit_moe.cli import main
+
+    for argv, match in ((["trian"], "invalid choice: 'trian'"), ([], "required: COMMAND"),
+                        (["sample", "ckpt", "--nope"], "unrecognized arguments: --nope")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_models_command_and_train_through_dit_moe(tmp_path, capsys):
+    from dit_moe.cli import main
+
+    assert main(["models", "--input-size", "32"]) == 0 and "DiT-XL/2" in capsys.readouterr().out
+    # options between the overrides, as train.py always took them
+    assert main(["train", f"train.run_dir={tmp_path}", "--config", DEFAULT, "routing.target=9"]) == 2
+    line = one_error_line(capsys, "dit-moe train")
+    assert "routing.target=9.0 must be in [1, 8]" in line and list(tmp_path.iterdir()) == []
+
+
+def test_every_user_error_class_derives_from_the_base():
+    from dit_moe.convert import ConvertError
+    from dit_moe.inference import InferenceError
+    from dit_moe.layouts import LayoutError
+    from dit_moe.sampling import AnalysisError, SamplingError
+    from dit_moe.study import StudyError
+    from dit_moe.upcycle import UpcycleError
+
+    for cls in (SamplingError, AnalysisError, InferenceError, StudyError, ConvertError, LayoutError, UpcycleError):
+        assert issubclass(cls, DitMoeError) and issubclass(cls, ValueError), cls
+
+
+def test_os_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    import dit_moe.analyze.cli as analyze_cli
+    from dit_moe.cli import main
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/read-only/analysis")
+    monkeypatch.setattr(analyze_cli, "run", denied)
+    assert main(["analyze", "--run", "x"]) == 2
+    line = one_error_line(capsys, "dit-moe analyze")
+    assert "Permission denied" in line and "/read-only/analysis" in line
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(analyze_cli, "run", interrupted)
+    assert main(["analyze", "--run", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "dit-moe analyze: interrupted (Ctrl-C)"
+
+    def bug(args):
+        raise KeyError("a bug")
+    monkeypatch.setattr(analyze_cli, "run", bug)
+    with pytest.raises(KeyError):
+        main(["analyze", "--run", "x"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                 sample, analyze: every flag before any work
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A Top-k MoE run folder and a dense checkpoint of 8x8 one-channel 'digits' (10 classes)."""
+    from dit_moe.checkpoint import save_checkpoint
+    from dit_moe.config import RoutingConfig
+    from dit_moe.data import DataInfo
+    from dit_moe.registry import build_model
+
+    root = tmp_path_factory.mktemp("ckpts")
+    info = DataInfo(num_classes=10, in_channels=1, latent_size=8, image_size=8, class_names=tuple(map(str, range(10))),
+                    vae=None, scaling_factor=1.0, source="test").to_dict()
+    torch.manual_seed(0)
+    moe = build_model("DiT-T/2-E4K2", RoutingConfig(type="topk"), input_size=8, in_channels=1, num_classes=10)
+    save_checkpoint(root / "run" / "checkpoints" / "step-0000005", moe, moe, step=5, data_info=info)
+    dense = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
+    save_checkpoint(root / "dense", dense, dense, step=5, data_info=info)
+    return root / "run", root / "dense"
+
+
+def _inputs(tmp_path):
+    """A folder, a plain file, a non-image folder and a broken 'npz' to point flags at."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    return tmp_path
+
+
+def _no_sampling(monkeypatch):
+    import dit_moe.sampling.loop as loop
+
+    def solve(*args, **kwargs):
+        raise AssertionError("sampled despite bad input")
+    monkeypatch.setattr(loop, "solve", solve)
+
+
+BAD_SAMPLE = [
+    (["--batch-size", "0"], "--batch-size: batch_size=0 must be >= 1"),
+    (["--num-per-class", "0"], "--num-per-class: num_per_class=0 must be >= 1"),
+    (["--steps", "0"], "--steps: steps=0 must be in [1, 1000]"),
+    (["--guidance-interval", "0.7", "0.2"], "--guidance-interval: LO=0.7 > HI=0.2"),
+    (["--sampler", "euler"], "--sampler: 'euler' is a flow sampler"),
+    (["--out", "{tmp}/folder"], "--out {tmp}/folder is a folder; give a file name"),
+    (["--out", "{tmp}/file.txt/grid.png"], "{tmp}/file.txt is a file, not a folder"),
+    (["--out", "{tmp}/grid"], "unknown image file extension '(none)'"),
+    (["--ncol", "0"], "--ncol 0 must be >= 1"),
+    (["--target-experts", "0"], "--target-experts 0.0 must be a finite number > 0"),
+    (["--target-experts", "2"], "--target-experts needs a DTop-p model"),
+    (["--calibration-samples", "0", "--target-experts", "2"], "--calibration-samples 0 must be >= 1"),
+    (["--device", "bogus"], "device 'bogus' is not a torch device"),
+    (["--fid", "{tmp}/empty"], "--fid needs bulk sampling"),
+    (["--num-samples", "0", "--out", "{tmp}/bulk"], "--num-samples 0 must be >= 1"),
+    (["--num-samples", "4"], "--num-samples needs --out DIR"),
+    (["--num-samples", "4", "--out", "{tmp}/file.txt"], "--out {tmp}/file.txt is a file; give a folder"),
+    (["--num-samples", "4", "--out", "{tmp}/bulk", "--fid", "{tmp}/BAD"], "--fid: {tmp}/BAD does not exist"),
+    (["--num-samples", "4", "--out", "{tmp}/bulk", "--fid", "{tmp}/empty"], "--fid: image folder {tmp}/empty contains no"),
+    (["--num-samples", "4", "--out", "{tmp}/bulk", "--fid", "{tmp}/bad.npz"], "neither a folder of images nor an .npz"),
+    (["--num-samples", "4", "--out", "{tmp}/bulk", "--fid", "{tmp}/file.txt"], "neither a folder of images nor an .npz"),
+    (["--num-samples", "4", "--out", "{tmp}/bulk", "--fid", "{tmp}/folder", "--extractor", "nope"],
+     "unknown feature extractor 'nope'"),
+    (["--num-samples", "4", "--out", "{tmp}/bulk", "--fid", "{tmp}/folder", "--metrics", "fid,bogus"],
+     "metrics must be a non-empty subset"),
+    (["--num-samples", "4", "--out", "{tmp}/bulk", "--fid", "{tmp}/folder", "--inception-weights", "{tmp}/w.pth"],
+     "{tmp}/w.pth do not exist"),
+]
+
+
+@pytest.mark.parametrize("args,match", BAD_SAMPLE, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_bad_sample_input_exits_2_with_one_line_and_creates_nothing(checkpoints, tmp_path, capsys, monkeypatch,
+                                                                    args, match):
+    import sample as sample_cli
+
+    tmp = _inputs(tmp_path)
+    _no_sampling(monkeypatch)
+    before = sorted(tmp.rglob("*"))
+    argv = [str(checkpoints[0]), *[a.format(tmp=tmp) for a in args]]
+    if "--device" not in args:
+        argv += ["--device", "cpu"]
+    assert sample_cli.main(argv) == 2
+    line = one_error_line(capsys, "sample.py")
+    assert match.format(tmp=tmp) in line, line
+    assert sorted(tmp.rglob("*")) == before, "a failed start created files"
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    from dit_moe.cli import main
+
+    for argv in (["sample", str(tmp_path / "nope")], ["analyze", str(tmp_path / "nope")]):
+        assert main(argv) == 2
+        assert f"{tmp_path / 'nope'}: no such checkpoint or run directory" in one_error_line(capsys, f"dit-moe {argv[0]}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_fid_is_checked_before_sampling_from_the_command_line(checkpoints, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "sample.py"), str(checkpoints[0]), "--num-samples", "4",
+                           "--out", str(tmp_path / "bulk"), "--fid", str(tmp_path / "BAD"), "--device", "cpu"],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"sample.py: error: --fid: {tmp_path / 'BAD'} does not exist"], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,match", [
+    (["{run}", "--num-per-class", "0"], "--num-per-class: num_per_class=0 must be >= 1"),
+    (["{run}", "--batch-size", "0"], "--batch-size: batch_size=0 must be >= 1"),
+    (["{run}", "--spatial-steps", "0"], "--spatial-steps 0 must be >= 1"),
+    (["{run}", "--steps", "0"], "--steps: steps=0 must be in [1, 1000]"),
+    (["{run}", "--classes", "99"], "class ids must be in [0, 10)"),
+    (["{run}", "--classes", "cat"], "unknown class 'cat'"),
+    (["{run}", "--device", "bogus"], "device 'bogus' is not a torch device"),
+    (["{run}", "--out", "{tmp}/file.txt"], "--out {tmp}/file.txt is a file; give a folder"),
+    (["{dense}"], "is not an MoE model"),
+    (["--run", "{tmp}/folder"], "no training log"),
+    ([], "give a CHECKPOINT, --run DIR, or both"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_bad_analyze_input_exits_2_with_one_line_and_creates_nothing(checkpoints, tmp_path, capsys, monkeypatch,
+                                                                     args, match):
+    from dit_moe.analyze import main
+
+    tmp = _inputs(tmp_path)
+    _no_sampling(monkeypatch)
+    before = sorted(tmp.rglob("*")) + sorted(checkpoints[0].rglob("*"))
+    argv = [a.format(tmp=tmp, run=checkpoints[0], dense=checkpoints[1]) for a in args]
+    assert main(argv) == 2
+    line = one_error_line(capsys, "analyze")
+    assert match.format(tmp=tmp) in line, line
+    assert sorted(tmp.rglob("*")) + sorted(checkpoints[0].rglob("*")) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                  study, demo, convert, upcycle: before any work
+# ---------------------------------------------------------------------------------------------------------
+
+STUDY = """
+output: {out}
+base:
+  config: {default}
+  overrides: [train.steps=2, train.tracker=null]
+seeds: [0]
+evaluation: {{steps: 2, num_samples: 4, batch_size: 4{evaluation}}}
+arms:
+  - {{name: topk, overrides: [routing.type=topk]}}
+  - {{name: topp, overrides: [routing.type=topp]{calibrate}}}
+"""
+
+
+@pytest.mark.parametrize("edit,args,match", [
+    ({}, ["--jobs", "0"], "--jobs 0 must be >= 1"),
+    ({}, ["--arms", "bogus"], "--arms: unknown arm(s) bogus; arms: topk, topp"),
+    ({}, ["--seeds", "1", "1"], "--seeds [1, 1]: seeds must be distinct"),
+    ({}, ["--device", "bogus"], "device 'bogus' is not a torch device"),
+    ({}, ["--output", "{tmp}/file.txt"], "output {tmp}/file.txt is a file; give a folder"),
+    ({}, ["--plots-dir", "{tmp}/file.txt"], "--plots-dir {tmp}/file.txt is a file; give a folder"),
+    ({}, ["train.lr=nan"], "arm 'topk': "),
+    ({}, ["train.stepz=1"], "unknown key(s) stepz"),
+    ({"evaluation": ", num_sample: 3"}, [], "evaluation: unknown key(s) num_sample"),
+    ({"evaluation": ", steps: two"}, [], "evaluation.steps: expected an integer, got 'two'"),
+    ({"evaluation": ", sampler: bogus"}, [], "evaluation.sampler: 'bogus' is not one of"),
+    ({"evaluation": ", num_samples: 0"}, [], "evaluation.num_samples=0 must be >= 1"),
+    ({"evaluation": ", reference: {tmp}/BAD.npz"}, [], "evaluation.reference: {tmp}/BAD.npz does not exist"),
+    ({"evaluation": ", reference: {tmp}/bad.npz"}, [], "evaluation.reference: {tmp}/bad.npz is neither"),
+    ({"evaluation": ", extractor: nope"}, [], "unknown feature extractor 'nope'"),
+    ({"calibrate": ", calibrate: {from: nope}"}, [], "arms[1] (topp).calibrate.from: no arm named 'nope'"),
+    ({"calibrate": ", calibrate: {from: topk, targt: 2}"}, [], "arms[1].calibrate: unknown key(s) targt"),
+    ({"calibrate": ", calibrate: {target: 2}"}, [], "arms[1].calibrate: missing key(s) from"),
+    ({"calibrate": ", calibrate: {from: topk, target: 0.5}"}, [], "calibrate.target must be a number >= 1"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_bad_study_input_exits_2_with_one_line_and_creates_nothing(tmp_path, capsys, edit, args, match):
+    from dit_moe.study import main
+
+    tmp = _inputs(tmp_path)
+    text = STUDY.format(out=tmp / "out", default=DEFAULT, evaluation=edit.get("evaluation", ""),
+                        calibrate=edit.get("calibrate", "")).replace("{tmp}", str(tmp))
+    (tmp / "study.yaml").write_text(text)
+    before = sorted(tmp.rglob("*"))
+    assert main([str(tmp / "study.yaml"), *[a.format(tmp=tmp) for a in args]]) == 2
+    line = one_error_line(capsys, "study")
+    assert match.format(tmp=tmp) in line, line
+    assert sorted(tmp.rglob("*")) == before and not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--num-samples", "0"], "--num-samples 0 must be >= 1"),
+    (["--sampler", "euler"], "--sampler: 'euler' is a flow sampler"),
+    (["--steps", "0"], "--steps: steps=0 must be in [1, 1000]"),
+    (["--device", "bogus"], "device 'bogus' is not a torch device"),
+    (["train.steps=0"], "train.steps=0 must be >= 1"),
+])
+def test_bad_demo_input_exits_2_before_training(tmp_path, capsys, args, match):
+    from dit_moe import demo
+
+    assert demo.main([*args, f"train.run_dir={tmp_path / 'runs'}", "train.steps=1" if args[0] != "train.steps=0"
+                      else "train.log_every=1"]) == 2
+    assert match in one_error_line(capsys, "demo")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_convert_and_upcycle_input_exit_2_and_create_nothing(checkpoints, tmp_path, capsys):
+    from dit_moe import convert, upcycle
+
+    tmp = _inputs(tmp_path)
+    dense = str(checkpoints[1])
+    before = sorted(tmp.rglob("*"))
+    for main, prog, argv, match in [
+        (convert.main, "convert", [str(tmp / "nope.pt"), "--out", str(tmp / "c")], "nope.pt: no such file or folder"),
+        (convert.main, "convert", [str(tmp / "file.txt"), "--out", str(tmp / "c")], "not a PyTorch checkpoint"),
+        (convert.main, "convert", [dense, "--out", str(tmp / "file.txt")], "exists and is a file"),
+        (convert.main, "convert", [dense, "--out", str(tmp / "c"), "--input-size", "0"], "--input-size 0 must be >= 1"),
+        (upcycle.main, "upcycle", [str(tmp / "nope"), "--model", "DiT-T/2-E4K2", "--out", str(tmp / "u")],
+         "no such file or folder"),
+        (upcycle.main, "upcycle", [dense, "--model", "DiT-T/2", "--out", str(tmp / "u")], "--model DiT-T/2 is dense"),
+        (upcycle.main, "upcycle", [dense, "--model", "DiT-T/2-E4K2", "--out", str(tmp / "u"), "--noise", "-1"],
+         "--noise -1.0 must be >= 0"),
+        (upcycle.main, "upcycle", [dense, "--model", "DiT-T/2-E4K2", "--out", str(tmp / "u"), "routing.targt=2"],
+         "unknown key(s) targt"),
+    ]:
+        assert main(argv) == 2, argv
+        assert match in one_error_line(capsys, prog), argv
+    assert sorted(tmp.rglob("*")) == before

@@ -82,7 +82,7 @@ def test_study_config_errors_name_the_key(tmp_path):
     bad = good.replace("name: dtopp", "name: topk")
     with pytest.raises(study.StudyError, match="duplicate arm"):
         study.load_study(_write(tmp_path, bad))
-    assert study.main([str(_write(tmp_path, good.replace("seeds: [0]", "seeds: [0, 0]")))]) == 1
+    assert study.main([str(_write(tmp_path, good.replace("seeds: [0]", "seeds: [0, 0]")))]) == 2   # a user error
 
 
 def test_calibrated_threshold_hits_the_target_and_restores_the_model():
@@ -115,3 +115,35 @@ def test_shipped_study_configs_load(path):
     for arm in spec.arms:
         cfg = study.arm_config(spec, arm, spec.seeds[0], threshold=0.3 if arm.calibrate_from else None)
         assert cfg.train.seed == spec.seeds[0]
+
+
+def test_study_config_goes_through_the_experiment_config_schema(tmp_path):
+    """One mechanism validates both kinds of config: load_study's error is dit_moe.config.from_dict's, with the file."""
+    import yaml
+
+    from dit_moe.config import ConfigError, from_dict
+
+    for bad, message in [
+        ({"base": {}, "seeds": [0], "arms": [{"name": "a", "calibrate": {"from": "a", "targt": 1}}]},
+         "arms[0].calibrate: unknown key(s) targt; valid keys: from, target"),
+        ({"base": {}, "seeds": [0, "1"], "arms": [{"name": "a"}]}, "seeds[1]: expected an integer, got '1'"),
+        ({"base": {"overrides": "train.lr=1"}, "seeds": [0], "arms": [{"name": "a"}]},
+         "base.overrides: expected a list, got 'train.lr=1'"),
+        ({"seeds": [0], "arms": [{"name": "a"}]}, "missing key(s) base"),
+        ({"base": {}, "seeds": [0], "arms": [{"overrides": []}]}, "arms[0]: missing key(s) name"),
+        ({"base": {}, "seeds": [0], "arms": [{"name": "a"}], "evaluation": {"cfg_scale": "high"}},
+         "evaluation.cfg_scale: expected a number, got 'high'"),
+    ]:
+        with pytest.raises(ConfigError) as direct:
+            from_dict(study.StudyFile, bad, where="")
+        assert str(direct.value) == message
+        f = tmp_path / "s.yaml"
+        f.write_text(yaml.safe_dump(bad))
+        with pytest.raises(study.StudyError) as loaded:
+            study.load_study(f)
+        assert str(loaded.value) == f"{f}: {message}"
+    spec = from_dict(study.StudyFile, {"base": {}, "seeds": [1], "arms": [
+        {"name": "p", "overrides": ["routing.type=topp"]},
+        {"name": "c", "overrides": ["routing.type=topp"], "calibrate": {"from": "p", "target": 3}}]}, where="")
+    assert (spec.arms[1].calibrate_from, spec.arms[1].calibrate_target, spec.arms[0].calibrate_from) == ("p", 3.0, None)
+    assert spec.evaluation == study.EvalSpec() and spec.base.overrides == [] and spec.arms[0].description == ""

@@ -11,7 +11,7 @@ One file per job:
     calibrate.py  DTop-p: the threshold that makes sampling activate K experts per token
     trace.py      router decisions along a trajectory (``dit_moe.analyze``) or on fixed probe inputs (the study)
     flags.py      the sampling command-line flags, shared by sample.py, analyze and the demo
-    cli.py        ``python sample.py``
+    cli.py        ``dit-moe sample`` (= ``python sample.py``)
 
 A checkpoint becomes a sampler through ``dit_moe.inference.load`` (model, objective, decoder, data info, the
 checkpoint's sample defaults); the time convention is in dit_moe/diffusion/__init__.py.
@@ -37,8 +37,8 @@ _EXPORTS = {
              "METRICS_FILE"),
     "trace": ("RoutingRecorder", "trace_routing", "probe_inputs", "probe_routing", "calibrate_topp_threshold"),
     "flags": ("FLAGS", "add_checkpoint_arguments", "add_sampler_arguments", "add_class_arguments", "flag_overrides",
-              "settings_from_args"),
-    "cli": ("build_parser", "run", "main"),
+              "check_sample_flags", "settings_from_args"),
+    "cli": ("add_arguments", "run", "main"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

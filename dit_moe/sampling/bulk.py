@@ -279,6 +279,21 @@ class Evaluation:
     inception_weights: Optional[str] = None
     classifier_accuracy: bool = False
 
+    def check(self, label: str = "reference") -> None:
+        """Raise the error the evaluation would raise after sampling, now: unknown metrics or extractor, missing
+        weights, a reference that does not exist, cannot be read, or lacks what the metrics need (prefixed with
+        ``label``)."""
+        _evaluate_module().check_reference(self.reference, metrics=tuple(self.metrics), label=label,
+                                           feature_extractor=self.extractor, inception_weights=self.inception_weights)
+
+
+def _evaluate_module():
+    try:
+        from .. import evaluate
+    except ImportError as e:
+        raise SamplingError(f"metrics need dit_moe.evaluate, which failed to import ({e})") from e
+    return evaluate
+
 
 def sample_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
     """Share of uint8 (N, H, W, 3) digit images that the digits classifier labels as the class they were drawn for."""
@@ -295,10 +310,7 @@ def evaluate_samples(out_dir: str | Path, evaluation: Evaluation, summary: dict,
 
     Returns {"metrics": {...}, "settings": {...}, "classifier_accuracy": float | None}.
     """
-    try:
-        from .. import evaluate
-    except ImportError as e:
-        raise SamplingError(f"metrics need dit_moe.evaluate, which failed to import ({e})") from e
+    evaluate = _evaluate_module()
     out_dir = Path(out_dir)
     settings = {**summary["settings"], "samples": str(out_dir / NPZ_FILE)}
     if summary.get("active_experts"):
@@ -323,6 +335,8 @@ def generate(bundle, out_dir: str | Path, settings: Optional[SampleConfig] = Non
     informational. Returns samples.json's content, plus ``metrics`` and ``classifier_accuracy`` when evaluated
     (main process only; other processes get their own part's summary)."""
     settings = resolve_settings(settings or bundle.defaults, bundle.objective, bundle.shape[0])
+    if evaluation is not None and (state is None or state.is_main_process):
+        evaluation.check()                 # a bad reference fails before any sample is drawn
     summary = sample_to_folder(
         bundle.model, out_dir, settings=settings, num_samples=num_samples, num_classes=bundle.num_classes,
         shape=bundle.shape, decode=bundle.decode, seed=settings.seed, labels=labels, batch_size=settings.batch_size,

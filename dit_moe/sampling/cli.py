@@ -1,12 +1,18 @@
-"""`python sample.py CHECKPOINT`: a labelled grid (default) or N samples to a folder + npz for FID.
+"""`dit-moe sample CHECKPOINT` (and `python sample.py`): a labelled grid (default) or N samples to a folder + npz.
 
-The sampling flags come from flags.py (shared with ``dit_moe.analyze`` and ``dit_moe.demo``) and are checked against
-the checkpoint's objective before anything is sampled. Every error is one line naming the flag, exit code 2.
+    dit-moe sample runs/digits/checkpoints/step-0002000 --cfg-scale 3 --out grid.png
+    accelerate launch -m dit_moe sample RUN --num-samples 50000 --out samples/ --sampler ddpm --steps 250 --cfg-scale 1.5
+    dit-moe sample FLOW_RUN --sampler heun --steps 25 --cfg-scale 1.8 --guidance-interval 0 0.7
+    dit-moe sample RUN --target-experts 1.5 --num-samples 1000 --out sparse/ --fid ref.npz
+
+The sampling flags come from flags.py (shared with ``dit_moe.analyze`` and ``dit_moe.demo``). Every value is checked
+before the checkpoint is loaded or a folder is created -- the flags on their own first, then against the
+checkpoint's objective, and the ``--fid`` reference (it must open as an image folder, npz or statistics file) --
+so a bad value is one line naming it (exit code 2) and nothing is sampled.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional, Sequence
 
 import torch
@@ -15,20 +21,22 @@ from ..config import SampleConfig
 from .bulk import Evaluation, SingleProcess, generate
 from .calibrate import calibrate_threshold, require_dtopp
 from .experts import format_active
-from .flags import add_checkpoint_arguments, add_class_arguments, add_sampler_arguments, settings_from_args
+from ..checks import check_at_least, check_output_dir, check_output_file, check_positive
+from .flags import (add_checkpoint_arguments, add_class_arguments, add_sampler_arguments, check_sample_flags,
+                    settings_from_args)
 from .grid import sample_grid
 from .loop import LABEL_POLICIES
 from .settings import SamplingError
 
-__all__ = ["build_parser", "run", "main"]
+__all__ = ["add_arguments", "run", "main"]
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sample.py",
-        description="Sample a trained dit-moe checkpoint (DDPM or flow): a labelled grid (default) or N samples to a "
-                    "folder/npz for FID (--num-samples, works under `accelerate launch`). Defaults come from the "
-                    "checkpoint's experiment `sample` section; flags override them.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Sample a trained dit-moe checkpoint (DDPM or flow): a labelled grid (default) or N samples to a\n"
+                     "folder + npz for FID (--num-samples; works under `accelerate launch`). Defaults come from the\n"
+                     "checkpoint's experiment `sample` section; flags override them.")
+    p.epilog = "examples:\n" + __doc__.split("\n\n")[1]
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     add_checkpoint_arguments(p)
     add_sampler_arguments(p)
@@ -51,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target-experts", type=float,
                    help="calibrate the DTop-p threshold so sampling activates K experts per token")
     s.add_argument("--calibration-samples", type=int, default=16, help="samples whose trajectory calibrates the threshold")
-    return p
 
 
 def _describe(settings: SampleConfig) -> str:
@@ -65,23 +72,24 @@ def _describe(settings: SampleConfig) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Everything behind the command line; returns a summary (samples.json content for bulk runs)."""
-    from ..inference import load
+    from ..inference import load, resolve_device
 
     bulk = args.num_samples is not None
-    if bulk and not args.out:
-        raise SamplingError("--num-samples needs --out DIR (the folder that receives images/, samples.npz, samples.json)")
-    if args.fid and not bulk:
-        raise SamplingError("--fid needs bulk sampling (--num-samples N --out DIR)")
+    evaluation = _check_args(args, bulk)                  # flags on their own: before the checkpoint is loaded
+    requested = resolve_device(args.device) if args.device else None
     state = SingleProcess()
     if bulk:
         from accelerate import PartialState
         # Without cpu=True Accelerate sets up no process group on a machine without CUDA (torchrun on CPUs).
         state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    device = torch.device(args.device) if args.device else getattr(state, "device", None) or torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = requested or getattr(state, "device", None) or resolve_device(None)
 
     bundle = load(args.checkpoint, weights=args.weights, device=device, vae=args.vae)
     settings = settings_from_args(args, bundle)           # every flag checked before anything is sampled
+    if not bulk:
+        from PIL import Image
+
+        check_output_file("--out", args.out, SamplingError, suffixes=Image.registered_extensions())
     bundle.decode                                         # a VAE that cannot be loaded fails here, not mid-run
     calibration = None
     if args.target_experts is not None:
@@ -107,11 +115,6 @@ def run(args: argparse.Namespace) -> dict:
         return {"grid": result["path"], "classes": result["classes"], "active_experts": result["active_experts"],
                 "calibration": calibration}
 
-    evaluation = None
-    if args.fid:
-        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-        evaluation = Evaluation(reference=args.fid, metrics=metrics, extractor=args.extractor,
-                                inception_weights=args.inception_weights)
     summary = generate(bundle, args.out, settings, num_samples=args.num_samples, labels=args.labels, state=state,
                        progress=not args.no_progress, evaluation=evaluation,
                        run_info={"target_experts": args.target_experts},
@@ -128,15 +131,31 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..inference import InferenceError
+def _check_args(args: argparse.Namespace, bulk: bool) -> Optional[Evaluation]:
+    """Every flag that can be checked without the checkpoint; returns the --fid evaluation (its reference opened
+    and checked here, so a bad reference fails before any sample is drawn)."""
+    check_sample_flags(args)
+    check_at_least("--num-samples", args.num_samples, 1, SamplingError)
+    check_at_least("--ncol", args.ncol, 1, SamplingError)
+    check_at_least("--calibration-samples", args.calibration_samples, 1, SamplingError)
+    check_positive("--target-experts", args.target_experts, SamplingError)
+    if bulk:
+        if not args.out:
+            raise SamplingError("--num-samples needs --out DIR (the folder that receives images/, samples.npz, "
+                                "samples.json)")
+        check_output_dir("--out", args.out, SamplingError)
+    elif args.fid:
+        raise SamplingError("--fid needs bulk sampling (--num-samples N --out DIR)")
+    if not args.fid:
+        return None
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    evaluation = Evaluation(reference=args.fid, metrics=metrics, extractor=args.extractor,
+                            inception_weights=args.inception_weights)
+    evaluation.check(label="--fid")
+    return evaluation
 
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (SamplingError, CheckpointError, ConfigError, InferenceError, OSError) as e:   # OSError: e.g. a VAE
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..cli import run_command
+
+    return run_command("sample", argv, prog="sample.py")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..config import ALL_SAMPLERS, SampleConfig
+from ..config import ALL_SAMPLERS, SampleConfig, sample_problems
+from .errors import SamplingError
 from .settings import resolve_settings
 
 __all__ = ["FLAGS", "add_checkpoint_arguments", "add_sampler_arguments", "add_class_arguments", "flag_overrides",
-           "settings_from_args"]
+           "check_sample_flags", "settings_from_args"]
 
 # SampleConfig field -> the flag that sets it (error messages name the flag).
 FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg-scale",
@@ -65,6 +66,15 @@ def flag_overrides(args: argparse.Namespace) -> dict:
     if "guidance_interval" in given:
         given["guidance_interval"] = tuple(given["guidance_interval"])
     return given
+
+
+def check_sample_flags(args: argparse.Namespace) -> None:
+    """The sampler flags that were given, checked by every rule that does not depend on the model (ranges, the
+    guidance interval); SamplingError naming the flag. Run before a checkpoint is loaded; ``settings_from_args``
+    checks the rest against the model."""
+    problems = sample_problems(SampleConfig(**flag_overrides(args)), None, None, name=lambda f: FLAGS.get(f, f))
+    if problems:
+        raise SamplingError(problems[0])
 
 
 def settings_from_args(args: argparse.Namespace, bundle) -> SampleConfig:

@@ -1,0 +1,60 @@
+"""`dit-moe study CONFIG` (also `python -m dit_moe.study`): run a routing study, then tabulate and plot it.
+
+    dit-moe study configs/study-digits.yaml --jobs 2 --plots-dir docs/study
+    accelerate launch --multi_gpu --num_processes 8 -m dit_moe study configs/study-imagenet-S2.yaml data.path=latents/in256
+
+The study config and every arm's experiment config are validated, and the flags, the reference and the extractor
+checked, before the output folder is created; a bad value is one line naming it (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import StudyError
+
+__all__ = ["add_arguments", "run", "main"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import __doc__ as package_doc
+
+    p.description = package_doc.split("\n")[0]
+    p.epilog = __doc__.split("\n\n")[1]
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("config", type=Path, help="study YAML (e.g. configs/study-digits.yaml)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes; cores split evenly)")
+    p.add_argument("--output", help="override the study's output folder")
+    p.add_argument("--plots-dir", type=Path, help="write the PNGs here (default <output>/plots)")
+    p.add_argument("--arms", nargs="+", help="run only these arms (and their calibration sources)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run and report only these seeds (default: the config's)")
+    p.add_argument("--device", help="torch device (default: cuda when available)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="extra overrides of every arm's experiment config (appended to base.overrides)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Load the study, run what is not finished, write the report; returns the summary (results.json)."""
+    from ..checks import check_at_least, check_output_dir
+    from .config import load_study
+    from .run import run_study
+
+    check_at_least("--jobs", args.jobs, 1, StudyError)
+    check_output_dir("--plots-dir", args.plots_dir, StudyError)
+    study = load_study(args.config, args.overrides, args.output)
+    if args.seeds:
+        if len(set(args.seeds)) != len(args.seeds):
+            raise StudyError(f"--seeds {args.seeds}: seeds must be distinct")
+        study.seeds = list(args.seeds)
+    summary = run_study(study, jobs=args.jobs, device=args.device, plots_dir=args.plots_dir, only_arms=args.arms)
+    if summary:
+        print(f"\nresults: {study.output / 'results.md'}, {study.output / 'results.json'}; plots: "
+              + ", ".join(summary.get("plots", [])))
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..cli import run_command
+
+    return run_command("study", argv, prog="python -m dit_moe.study", label="study")

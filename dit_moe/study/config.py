@@ -1,0 +1,230 @@
+"""The study config: a typed schema read by ``dit_moe.config.from_dict`` (as experiment configs are), one validation
+pass for what a type cannot say, and every arm's experiment config resolved before any compute is spent.
+
+    name: short                     # default: the file name
+    output: runs/short              # default: runs/<file name>
+    base: {config: configs/default.yaml, overrides: [train.steps=1000, ...]}
+    seeds: [0, 1, 2]
+    evaluation: {sampler: ddim, steps: 50, num_samples: 500, ...}     # EvalSpec below; every key optional
+    arms:
+      - {name: topk, overrides: [routing.type=topk], description: "..."}
+      - {name: topp-cal, overrides: [routing.type=topp], calibrate: {from: topp-0.4, target: 2.0}}
+
+An unknown key or a value of the wrong type is the same ``ConfigError`` message as in an experiment config, naming
+the key (``evaluation.num_sample``, ``arms[2].calibrate.targt``), raised as a ``StudyError`` prefixed with the file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from ..config import ALL_SAMPLERS, ConfigError, ExperimentConfig, from_dict, load_config
+from ..errors import DitMoeError
+
+__all__ = ["StudyError", "BaseSpec", "CalibrationSpec", "ArmSpec", "EvalSpec", "StudyFile", "StudyConfig",
+           "RESULT_FILE", "CALIBRATION_FILE", "study_problems", "load_study", "arm_config"]
+
+RESULT_FILE = "study_result.json"         # <output>/runs/<arm>-s<seed>/: one finished run's numbers
+CALIBRATION_FILE = "calibration.json"     # <output>/: calibrated Top-p thresholds
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class StudyError(DitMoeError, ValueError):
+    """A bad study config or a study step that failed; the message names the file, key or run at fault."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                           The schema
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalSpec:
+    """Evaluation shared by every arm (changing any of these changes every number of the table)."""
+    sampler: str = field(default="ddim", metadata={"choices": ALL_SAMPLERS})
+    steps: int = 50
+    cfg_scale: float = 2.0
+    num_samples: int = 500
+    batch_size: int = 250
+    seed: int = 0
+    reference: str = "builtin-digits"     # builtin-digits (the embedded digits as npz) | path to an npz / image folder
+    extractor: str = "digits-cnn"         # torch-fidelity feature extractor of the FID
+    inception_weights: Optional[str] = None
+    classifier_accuracy: bool = True      # digits only: share of samples the digits classifier labels as requested
+    analysis_per_class: int = 2           # samples per class of the routing analysis trajectory
+    probe_batches: int = 4                # routing probe: batches of noisy training inputs (fixed seed)
+    probe_batch_size: int = 256
+    timing_steps: int = 40                # timing pass: steps per arm, run one after another on the idle machine
+    final_fraction: float = 0.1           # final loss = mean over this last fraction of logged steps
+    active_fraction: float = 0.25         # train-time activated experts over this last fraction of logged steps
+
+
+@dataclass
+class CalibrationSpec:
+    """A fixed Top-p threshold bisected on another arm's final model so that it activates ``target`` experts."""
+    source: str = field(metadata={"key": "from"})    # the arm whose first seed's final model calibrates p
+    target: float = 2.0
+
+
+@dataclass
+class ArmSpec:
+    name: str
+    overrides: Optional[list[str]] = None           # section.key=value, after the base overrides
+    calibrate: Optional[CalibrationSpec] = None
+    description: Optional[str] = ""
+
+    def __post_init__(self):
+        self.overrides = list(self.overrides or [])
+        self.description = self.description or ""
+
+    @property
+    def calibrate_from(self) -> Optional[str]:
+        return self.calibrate.source if self.calibrate is not None else None
+
+    @property
+    def calibrate_target(self) -> float:
+        return self.calibrate.target if self.calibrate is not None else 2.0
+
+
+@dataclass
+class BaseSpec:
+    """The experiment every arm starts from: a config file (None: the defaults) and dotted overrides."""
+    config: Optional[str] = None
+    overrides: Optional[list[str]] = None
+
+    def __post_init__(self):
+        self.overrides = list(self.overrides or [])
+
+
+@dataclass
+class StudyFile:
+    """A study YAML file, as written."""
+    base: BaseSpec
+    seeds: list[int]
+    arms: list[ArmSpec]
+    name: Optional[str] = None
+    output: Optional[str] = None
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+
+
+@dataclass
+class StudyConfig:
+    """A loaded study: the file's contents with paths resolved and command-line overrides applied."""
+    name: str
+    output: Path
+    base_config: Optional[Path]
+    base_overrides: list
+    seeds: list
+    arms: list                            # [ArmSpec]
+    evaluation: EvalSpec
+    path: Optional[Path] = None           # the YAML file
+
+    def arm(self, name: str) -> ArmSpec:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise StudyError(f"{self.path}: no arm named {name!r}; arms: {', '.join(a.name for a in self.arms)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                     Validation and loading
+# ---------------------------------------------------------------------------------------------------------
+
+def study_problems(spec: StudyFile) -> list[str]:
+    """What the types of the schema cannot say: ranges, distinct seeds and arm names, calibration sources."""
+    problems = []
+    bad = problems.append
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        bad(f"seeds must be a non-empty list of distinct integers, got {spec.seeds!r}")
+    ev = spec.evaluation
+    for key in ("steps", "num_samples", "batch_size", "analysis_per_class", "probe_batches", "probe_batch_size",
+                "timing_steps"):
+        if getattr(ev, key) < 1:
+            bad(f"evaluation.{key}={getattr(ev, key)} must be >= 1")
+    for key in ("final_fraction", "active_fraction"):
+        if not 0 < getattr(ev, key) <= 1:
+            bad(f"evaluation.{key}={getattr(ev, key)} must be in (0, 1]")
+    if not spec.arms:
+        bad("arms must be a non-empty list of {name, overrides} mappings")
+    names = [a.name for a in spec.arms]
+    for i, arm in enumerate(spec.arms):
+        if not arm.name or any(c in arm.name for c in "/\\ "):
+            bad(f"arms[{i}].name must be a non-empty string without '/', '\\' or spaces, got {arm.name!r}")
+        c = arm.calibrate
+        if c is None:
+            continue
+        if not (math.isfinite(c.target) and c.target >= 1):
+            bad(f"arms[{i}] ({arm.name}).calibrate.target must be a number >= 1, got {c.target!r}")
+        if c.source not in names:
+            bad(f"arms[{i}] ({arm.name}).calibrate.from: no arm named {c.source!r}; arms: {', '.join(names)}")
+        elif spec.arms[names.index(c.source)].calibrate is not None:
+            bad(f"arm {arm.name!r} calibrates from {c.source!r}, which is calibrated itself")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        bad(f"duplicate arm name(s) {', '.join(dup)}")
+    return problems
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional[str] = None) -> StudyConfig:
+    """Read and validate a study YAML; ``overrides`` (``section.key=value``) are appended to the base overrides.
+
+    Every arm's experiment config is resolved here, so a typo in any arm fails before any compute is spent.
+    Relative paths in the file (base config, output, reference) are relative to the current directory, except a
+    base config that only exists relative to the study file's folder or the repository root.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study config not found: {path}")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise StudyError(f"{path}: not valid YAML: {e}") from e
+    try:
+        spec = from_dict(StudyFile, d if d is not None else {}, where="")
+    except ConfigError as e:
+        raise StudyError(f"{path}: {e}") from None
+    problems = study_problems(spec)
+    if problems:
+        raise StudyError(f"{path}: invalid study ({len(problems)} problem{'s' * (len(problems) > 1)}): "
+                         + "; ".join(problems))
+
+    base_config = None
+    if spec.base.config is not None:
+        base_config = Path(spec.base.config)
+        if not base_config.is_file():
+            for root in (path.parent, ROOT):
+                if (root / base_config).is_file():
+                    base_config = root / base_config
+                    break
+            else:
+                raise StudyError(f"{path}: base.config {spec.base.config!r} not found")
+    study = StudyConfig(
+        name=spec.name or path.stem, output=Path(output or spec.output or f"runs/{path.stem}"),
+        base_config=base_config, base_overrides=spec.base.overrides + list(overrides), seeds=list(spec.seeds),
+        arms=spec.arms, evaluation=spec.evaluation, path=path)
+    for arm in study.arms:
+        cfg = arm_config(study, arm, study.seeds[0], threshold=0.5 if arm.calibrate_from else None)
+        if arm.calibrate_from is not None and cfg.routing.type != "topp":
+            raise StudyError(f"{path}: arm {arm.name!r} has a calibrated threshold but routing.type "
+                             f"{cfg.routing.type!r}; calibration sets the fixed Top-p threshold (routing.type=topp)")
+    return study
+
+
+def arm_config(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[float] = None) -> ExperimentConfig:
+    """The experiment config of one run: base + base overrides + arm overrides + seed, run folder, sampler."""
+    ev = study.evaluation
+    overrides = [
+        *study.base_overrides, *arm.overrides,
+        f"train.seed={seed}", f"train.run_dir={study.output / 'runs'}", f"train.run_name={arm.name}-s{seed}",
+        # The checkpoint's sample section = the study's sampler, so grids and `dit-moe sample RUN` match the table.
+        f"sample.sampler={ev.sampler}", f"sample.steps={ev.steps}", f"sample.cfg_scale={ev.cfg_scale}",
+    ]
+    if threshold is not None:
+        overrides.append(f"routing.threshold={threshold!r}")
+    try:
+        return load_config(study.base_config, overrides)
+    except ConfigError as e:
+        raise StudyError(f"{study.path}: arm {arm.name!r}: {e}") from None

@@ -1,0 +1,219 @@
+"""A study's results: per-arm mean and spread across seeds (results.json), the Markdown table, the plots."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..config import load_config
+from .config import CALIBRATION_FILE, StudyConfig
+
+__all__ = ["STAT_KEYS", "aggregate", "results_table", "plot_study", "write_report"]
+
+
+STAT_KEYS = ("final_loss", "fid", "classifier_accuracy", "train_active_mean", "train_active_step_std",
+             "probe_active_mean", "probe_active_token_std", "sample_active_mean", "sample_active_token_std",
+             "sec_per_step")
+
+
+def _mean_std(values) -> tuple[Optional[float], Optional[float]]:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return None, None
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(study: StudyConfig, runs: list[dict], timing: Optional[dict] = None) -> dict:
+    """Per arm: mean and std (across seeds, ddof 1) of every STAT_KEYS entry, plus the per-run records."""
+    from ..registry import parse_name
+
+    arms = {}
+    for arm in study.arms:
+        mine = [r for r in runs if r.get("arm") == arm.name]
+        if not mine:
+            continue
+        stats = {}
+        for k in STAT_KEYS:
+            m, s = _mean_std([r.get(k) for r in mine])
+            stats[k] = {"mean": m, "std": s}
+        arms[arm.name] = {"seeds": [r["seed"] for r in mine], "model": mine[0]["model"], "routing": mine[0]["routing"],
+                          "num_experts": parse_name(mine[0]["model"]).num_experts,
+                          "timing_sec_per_step": (timing or {}).get(arm.name),
+                          "default_moe": mine[0]["default_moe"], "threshold": mine[0].get("threshold"),
+                          "description": arm.description, "overrides": arm.overrides, **stats}
+    calib = study.output / CALIBRATION_FILE
+    base = load_config(study.base_config, study.base_overrides)
+    return {
+        "name": study.name, "config": str(study.path), "seeds": study.seeds,
+        "train": {"steps": base.train.steps, "global_batch_size": base.train.global_batch_size, "lr": base.train.lr,
+                  "model": base.model.name},
+        "evaluation": dataclasses.asdict(study.evaluation),
+        "calibration": json.loads(calib.read_text()) if calib.is_file() else None,
+        "arms": arms,
+        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
+        "curves": {f"{r['arm']}-s{r['seed']}": r["curve"] for r in runs},
+    }
+
+
+def _fmt(stat: dict, digits: int, scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def results_table(summary: dict) -> str:
+    """The Markdown table of ``summary`` (mean ± std across seeds)."""
+    head = ("| arm | routing | final loss | FID | accuracy % | experts train (mean ± std over steps) | "
+            "per-token std train | experts sampling | per-token std sampling | s/step (study) | s/step (timing pass) |")
+    lines = [head, "|" + "---|" * 11]
+    for name, a in summary["arms"].items():
+        routing = a["routing"] + (" + Default MoE" if a["default_moe"] else "")
+        if a.get("num_experts") == 1:
+            routing = "dense (one always-on expert)"
+        if a["routing"] == "topp" and a.get("threshold") is not None:
+            routing += f" (p={a['threshold']:.3g})"
+        train_active = "-"
+        if a["train_active_mean"]["mean"] is not None:
+            train_active = f"{a['train_active_mean']['mean']:.2f} ± {a['train_active_step_std']['mean']:.2f}"
+            if a["train_active_mean"]["std"]:
+                train_active += f" (seeds ± {a['train_active_mean']['std']:.2f})"
+        lines.append(" | ".join([
+            f"| {name}", routing, _fmt(a["final_loss"], 4), _fmt(a["fid"], 2), _fmt(a["classifier_accuracy"], 1, 100),
+            train_active, _fmt(a["probe_active_token_std"], 2), _fmt(a["sample_active_mean"], 2),
+            _fmt(a["sample_active_token_std"], 2), _fmt(a["sec_per_step"], 3),
+            "-" if a.get("timing_sec_per_step") is None else f"{a['timing_sec_per_step']:.3f}"]) + " |")
+    return "\n".join(lines)
+
+
+def _smooth_mean(curves: list[tuple[list, list]]):
+    """Mean over seeds of curves on their common steps: (steps (n,), mean (n,), std (n,))."""
+    common = sorted(set.intersection(*[set(s) for s, _ in curves]))
+    vals = []
+    for s, v in curves:
+        m = dict(zip(s, v))
+        vals.append([m[k] if m[k] is not None else np.nan for k in common])
+    arr = np.array(vals, dtype=float)
+    return np.array(common), np.nanmean(arr, 0), np.nanstd(arr, 0)
+
+
+def plot_study(summary: dict, out_dir: Path) -> list[Path]:
+    """loss_curves.png, active_experts.png, fid.png, sampling_experts.png (means over seeds, bands = ±1 std)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    arms = list(summary["arms"])
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+
+    def curves_of(arm: str, key: str):
+        return [(c["step"], c[key]) for name, c in summary["curves"].items() if name.rsplit("-s", 1)[0] == arm]
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm in arms:
+        steps, mean, std = _smooth_mean(curves_of(arm, "loss"))
+        ax.plot(steps, mean, label=arm, color=colors[arm], lw=1.2)
+        ax.fill_between(steps, mean - std, mean + std, color=colors[arm], alpha=0.15, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("diffusion loss (mse + vb)")
+    ax.set_title("Training loss (mean over seeds, band ±1 std)")
+    tail = [v for arm in arms for _, v in curves_of(arm, "loss")]
+    if tail:
+        lows = [min(v[len(v) // 5:]) for v in tail]
+        highs = [max(v[len(v) // 5:]) for v in tail]
+        ax.set_ylim(min(lows) * 0.95, max(highs) * 1.05)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    files.append(out_dir / "loss_curves.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm in arms:
+        cs = curves_of(arm, "active")
+        if not cs or all(v is None for _, c in cs for v in c):
+            continue
+        steps, mean, std = _smooth_mean(cs)
+        ax.plot(steps, mean, label=arm, color=colors[arm], lw=1.2)
+        ax.fill_between(steps, mean - std, mean + std, color=colors[arm], alpha=0.15, lw=0)
+    ax.axhline(2.0, color="k", ls="--", lw=0.8, label="target 2")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("activated experts per token (mean over layers)")
+    ax.set_title("Activated experts during training (mean over seeds)")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out_dir / "active_experts.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "fid", "FID (digits-cnn features)"), (axes[1], "final_loss", "final diffusion loss")):
+        means = [summary["arms"][a][key]["mean"] for a in arms]
+        stds = [summary["arms"][a][key]["std"] for a in arms]
+        ok = [i for i, m in enumerate(means) if m is not None]
+        ax.bar([arms[i] for i in ok], [means[i] for i in ok], yerr=[stds[i] for i in ok], capsize=4,
+               color=[colors[arms[i]] for i in ok])
+        for i in ok:
+            per_seed = [r[key] for r in summary["runs"] if r["arm"] == arms[i] and r.get(key) is not None]
+            ax.scatter([arms[i]] * len(per_seed), per_seed, color="k", s=8, zorder=3)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=35, labelsize=8)
+        if key == "final_loss" and ok:
+            lo = min(means[i] - stds[i] for i in ok)
+            hi = max(means[i] + stds[i] for i in ok)
+            ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_title("FID of EMA samples (mean ± std over seeds; dots = seeds)")
+    axes[1].set_title("final loss (last 10% of logged steps)")
+    fig.tight_layout()
+    files.append(out_dir / "fid.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for arm in arms:
+        rows = [r["sample_active_per_bucket"] for r in summary["runs"]
+                if r["arm"] == arm and r.get("sample_active_per_bucket")]
+        if not rows:
+            continue
+        arr = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+        centers = (np.arange(arr.shape[1]) + 0.5) * 1000 / arr.shape[1]
+        with warnings.catch_warnings():      # a bucket no sampling step fell into is NaN for every seed
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(arr, 0)
+        ax.plot(centers, mean, marker="o", ms=3, label=arm, color=colors[arm])
+        drawn = True
+    if drawn:
+        ax.axhline(2.0, color="k", ls="--", lw=0.8)
+        ax.set_xlabel("diffusion timestep t (bucket centre; 999 = pure noise)")
+        ax.set_ylabel("activated experts per token")
+        ax.set_title("Activated experts during sampling, per timestep (mean over seeds)")
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append(out_dir / "sampling_experts.png")
+        fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    return files
+
+
+def write_report(study: StudyConfig, summary: dict, plots_dir: Optional[Path] = None) -> dict:
+    """results.json, results.md (table) in the output folder; the PNGs into ``plots_dir`` (default <output>/plots)."""
+    out = study.output
+    plots = plot_study(summary, Path(plots_dir) if plots_dir else out / "plots")
+    summary["plots"] = [str(p) for p in plots]
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    table = results_table(summary)
+    (out / "results.md").write_text(f"# {summary['name']}\n\n{table}\n")
+    print(table)
+    return summary

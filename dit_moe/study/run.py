@@ -1,0 +1,418 @@
+"""Running a study: every (arm, seed) trained, probed, sampled, evaluated and analysed; resumable; in parallel.
+
+``run_study`` checks its inputs (arms, reference, extractor) before the output folder is created, then runs the
+(arm, seed) tasks not finished yet -- in this process, in ``--jobs`` worker processes, or under a multi-process
+launch with every run on all processes -- calibrates the Top-p arms once their source has finished, times every
+arm, and hands the results to ``report`` (aggregate, table, plots).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..config import ExperimentConfig
+from .config import CALIBRATION_FILE, RESULT_FILE, ArmSpec, EvalSpec, StudyConfig, StudyError, arm_config
+from .report import aggregate, write_report
+
+__all__ = ["probe_routing", "calibrate_topp_threshold", "run_arm", "summarize_run", "check_inputs", "run_study",
+           "time_arms"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                              Routing probe and Top-p threshold calibration
+# ---------------------------------------------------------------------------------------------------------
+
+def _probe_inputs(cfg: ExperimentConfig, num_batches: int, batch_size: int, seed: int = 1234):
+    """Fixed noisy training inputs of the arm's objective (dit_moe.sampling.trace.probe_inputs)."""
+    from ..sampling.trace import probe_inputs
+
+    return probe_inputs(cfg, num_batches, batch_size, seed)
+
+
+def probe_routing(model, inputs) -> dict:
+    """Activated experts per (token, layer) on fixed inputs (dit_moe.sampling.trace.probe_routing)."""
+    from ..sampling.trace import probe_routing as probe
+
+    return probe(model, inputs)
+
+
+def calibrate_topp_threshold(model, inputs, target: float, iters: int = 30, tol: float = 1e-3) -> dict:
+    """The global Top-p threshold that activates ``target`` experts on ``inputs`` (dit_moe.sampling.trace)."""
+    from ..sampling.trace import calibrate_topp_threshold as calibrate
+
+    try:
+        return calibrate(model, inputs, target, iters=iters, tol=tol)
+    except ValueError as e:
+        raise StudyError(str(e)) from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                              One run
+# ---------------------------------------------------------------------------------------------------------
+
+def _final_checkpoint(run_dir: Path, steps: int) -> Optional[Path]:
+    ckpt = run_dir / "checkpoints" / f"step-{steps:07d}"
+    return ckpt if ckpt.is_dir() else None
+
+
+def _reference_path(study: StudyConfig) -> Path:
+    ref = study.evaluation.reference
+    if ref == "builtin-digits":
+        return study.output / "reference" / "digits.npz"
+    return Path(ref)
+
+
+def _prepare_reference(study: StudyConfig) -> Path:
+    ref = _reference_path(study)
+    if study.evaluation.reference == "builtin-digits" and not ref.is_file():
+        from ..demo import reference_digits
+        reference_digits(ref)
+    return ref
+
+
+def _load_result(run_dir: Path, steps: int) -> Optional[dict]:
+    """The run's study_result.json when the run is finished (final checkpoint + result), else None."""
+    f = run_dir / RESULT_FILE
+    if not f.is_file() or _final_checkpoint(run_dir, steps) is None:
+        return None
+    try:
+        result = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    return result if result.get("steps") == steps else None
+
+
+def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[float] = None, state=None,
+            device: Optional[str] = None) -> dict:
+    """Train, probe, sample, evaluate and analyse one (arm, seed); returns (and writes) its study_result.json."""
+    import torch
+
+    from .. import analyze, inference, sampling
+    from ..training import run_dir_of, train
+
+    is_main = state is None or state.is_main_process
+    barrier = (lambda: state.wait_for_everyone()) if state is not None else (lambda: None)
+    cfg = arm_config(study, arm, seed, threshold)
+    run_dir = run_dir_of(cfg)
+    done = _load_result(run_dir, cfg.train.steps)
+    if done is not None:
+        done["skipped"] = True
+        return done
+    ev = study.evaluation
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    timings = {}
+
+    t0 = time.time()
+    train(cfg, resume="latest")
+    timings["train_s"] = round(time.time() - t0, 1)
+    ckpt = _final_checkpoint(run_dir, cfg.train.steps)
+    if ckpt is None:
+        raise StudyError(f"{run_dir}: training returned without a final checkpoint step-{cfg.train.steps:07d}")
+
+    probe = None
+    if is_main:
+        t0 = time.time()
+        model = inference.load(ckpt, weights="model", device=device).model
+        if model.arch.is_moe:
+            probe = probe_routing(model, _probe_inputs(cfg, ev.probe_batches, ev.probe_batch_size))
+        del model
+        timings["probe_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    samples_dir = run_dir / "study_samples"
+    several = state is not None and state.num_processes > 1
+    # Several processes: each samples on its own device (Accelerate's); one process: the study's device.
+    evaluation = sampling.Evaluation(reference=str(_reference_path(study)), extractor=ev.extractor,
+                                     inception_weights=ev.inception_weights,
+                                     classifier_accuracy=ev.classifier_accuracy)
+    try:
+        bundle = inference.load(ckpt, weights="ema", device=state.device if several else device)
+        settings = dataclasses.replace(bundle.defaults, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
+                                       seed=ev.seed, batch_size=ev.batch_size)
+        info = sampling.generate(bundle, samples_dir, settings, num_samples=ev.num_samples, state=state,
+                                 progress=False, evaluation=evaluation)
+    except (sampling.SamplingError, inference.InferenceError, OSError) as e:
+        raise StudyError(f"{run_dir}: sampling / FID failed: {e}") from e
+    del bundle
+    timings["sample_fid_s"] = round(time.time() - t0, 1)
+    barrier()
+    if not is_main:
+        return {}
+    values = info["metrics"]
+    accuracy = info["classifier_accuracy"]
+
+    t0 = time.time()
+    analysis = None
+    try:
+        report = analyze.analyze_checkpoint(ckpt, num_per_class=ev.analysis_per_class, sampler=ev.sampler,
+                                            num_steps=ev.steps, cfg_scale=ev.cfg_scale, seed=ev.seed, device=device)
+        analysis = report["active_experts"]
+    except analyze.AnalysisError:
+        analysis = None          # a dense model: nothing to analyse
+    analyze.plot_training_curves(run_dir)
+    timings["analysis_s"] = round(time.time() - t0, 1)
+
+    result = summarize_run(run_dir, ev)
+    result.update({
+        "arm": arm.name, "seed": seed, "steps": cfg.train.steps, "run_dir": str(run_dir), "checkpoint": str(ckpt),
+        "model": cfg.model.name, "routing": cfg.routing.type, "default_moe": cfg.routing.default_moe,
+        "threshold": threshold if threshold is not None else (cfg.routing.threshold if cfg.routing.type == "topp" else None),
+        "fid": values.get("fid"), "classifier_accuracy": accuracy,
+        "sample_active_mean": (info.get("active_experts") or {}).get("mean"),
+        "sample_active_per_bucket": (info.get("active_experts") or {}).get("per_bucket"),
+        "sample_active_token_std": analysis["std"] if analysis else None,
+        "sample_images_per_second": info.get("images_per_second"),
+        "probe_active_mean": probe["mean"] if probe else None,
+        "probe_active_token_std": probe["std"] if probe else None,
+        "probe_active_per_layer": probe["per_layer"] if probe else None,
+        "timings": timings,
+    })
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def summarize_run(run_dir: Path, ev: EvalSpec) -> dict:
+    """Training numbers of one run from its metrics.jsonl: loss curve, final loss, activated experts, s/step."""
+    from ..analyze import read_metrics
+
+    rows = read_metrics(run_dir)
+    steps = [r["step"] for r in rows]
+    diff = [r["mse"] + r.get("vb", 0.0) for r in rows]    # the diffusion loss, without router aux terms (flow: no vb)
+    n_final = max(1, int(round(ev.final_fraction * len(rows))))
+    n_active = max(1, int(round(ev.active_fraction * len(rows))))
+    active = [r.get("active_experts") for r in rows]
+    tail = [a for a in active[-n_active:] if a is not None]
+    # The first interval includes start-up (first forward, allocation): leave it out of the speed.
+    sps = [r["steps_per_sec"] for r in rows[1:] if r.get("steps_per_sec")] or [rows[0]["steps_per_sec"]]
+    return {
+        "curve": {"step": steps, "loss": diff, "active": active,
+                  "threshold": [r.get("threshold") if not isinstance(r.get("threshold"), list) else None for r in rows]},
+        "final_loss": float(np.mean(diff[-n_final:])),
+        "train_active_mean": float(np.mean(tail)) if tail else None,
+        "train_active_step_std": float(np.std(tail)) if tail else None,
+        "sec_per_step": float(np.median([1.0 / s for s in sps])),
+        "train_seconds": rows[-1].get("seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   Scheduling (with calibration dependencies)
+# ---------------------------------------------------------------------------------------------------------
+
+def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
+    """The calibrated threshold of ``arm`` (cached in <output>/calibration.json)."""
+    from ..inference import load
+    from ..training import run_dir_of
+
+    file = study.output / CALIBRATION_FILE
+    cache = json.loads(file.read_text()) if file.is_file() else {}
+    src = study.arm(arm.calibrate_from)
+    src_cfg = arm_config(study, src, study.seeds[0])
+    ckpt = _final_checkpoint(run_dir_of(src_cfg), src_cfg.train.steps)
+    if ckpt is None:
+        raise StudyError(f"arm {arm.name!r}: calibration source {src.name!r} seed {study.seeds[0]} has not finished")
+    key = f"{arm.name}"
+    entry = cache.get(key)
+    if entry and entry.get("source_checkpoint") == str(ckpt) and entry.get("target") == arm.calibrate_target:
+        return entry["threshold"]
+    model = load(ckpt, weights="model", device=device).model
+    ev = study.evaluation
+    result = calibrate_topp_threshold(model, _probe_inputs(src_cfg, ev.probe_batches, ev.probe_batch_size),
+                                      arm.calibrate_target)
+    result.update(source_arm=src.name, source_seed=study.seeds[0], source_checkpoint=str(ckpt),
+                  source_threshold=src_cfg.routing.threshold)
+    cache[key] = result
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(cache, indent=1))
+    print(f"[study] calibrated Top-p threshold for {arm.name}: p = {result['threshold']:.4f} gives "
+          f"{result['measured']:.3f} experts/token on {src.name}-s{study.seeds[0]}'s final model "
+          f"(trained with p = {src_cfg.routing.threshold})", flush=True)
+    return result["threshold"]
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _worker_run(study: StudyConfig, arm_name: str, seed: int, threshold: Optional[float], device: str) -> dict:
+    try:
+        return run_arm(study, study.arm(arm_name), seed, threshold, device=device)
+    except Exception as e:
+        # Some errors (TrainingInterrupted) do not survive pickling back to the parent; send their message instead.
+        raise StudyError(f"run {arm_name}-s{seed} failed: {type(e).__name__}: {e}") from None
+
+
+def check_inputs(study: StudyConfig, jobs: int = 1, device: Optional[str] = None,
+                 only_arms: Optional[Sequence[str]] = None) -> str:
+    """What ``run_study`` checks before the output folder is created: --jobs, --device, --arms, the output path,
+    the extractor and its weights, and a reference file or folder (it must open as the FID reference). Returns
+    the device."""
+    from ..checks import check_at_least, check_output_dir
+    from ..errors import DitMoeError
+    from ..evaluate import check_extractor, check_reference
+    from ..inference import resolve_device
+
+    check_at_least("--jobs", jobs, 1, StudyError)
+    if only_arms:
+        missing = sorted(set(only_arms) - {a.name for a in study.arms})
+        if missing:
+            raise StudyError(f"--arms: unknown arm(s) {', '.join(missing)}; arms: "
+                             + ", ".join(a.name for a in study.arms))
+    check_output_dir("output", study.output, StudyError)
+    device = str(resolve_device(device))
+    ev = study.evaluation
+    try:
+        if ev.reference == "builtin-digits":
+            check_extractor(ev.extractor)
+            if ev.inception_weights is not None and not Path(ev.inception_weights).is_file():
+                raise StudyError(f"feature extractor weights {ev.inception_weights} do not exist")
+        else:
+            check_reference(ev.reference, metrics=("fid",), feature_extractor=ev.extractor,
+                            inception_weights=ev.inception_weights, label="evaluation.reference")
+    except DitMoeError as e:
+        raise StudyError(f"{study.path}: {e}") from None
+    return device
+
+
+def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, plots_dir: Optional[Path] = None,
+              only_arms: Optional[Sequence[str]] = None) -> dict:
+    """Run every (arm, seed) not finished yet, then aggregate and write results.json / results.md / plots."""
+    device = check_inputs(study, jobs, device, only_arms)       # before any folder is created
+    state = None
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        from accelerate import PartialState
+        state = PartialState(cpu=device == "cpu")
+        if jobs != 1:
+            raise StudyError(f"--jobs {jobs}: under a multi-process launch every run uses all processes; use --jobs 1")
+    is_main = state is None or state.is_main_process
+    arms = [a for a in study.arms if only_arms is None or a.name in only_arms]
+    if only_arms:
+        needed = {a.calibrate_from for a in arms if a.calibrate_from} - {a.name for a in arms}
+        arms = [a for a in study.arms if a.name in needed] + arms
+    study.output.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        _prepare_reference(study)
+        (study.output / "study.yaml").write_text(study.path.read_text() if study.path else "")
+        if study.evaluation.extractor == "digits-cnn":
+            from ..features import digits_classifier
+            digits_classifier()           # train/cache the classifier once, before parallel workers race for it
+    if state is not None:
+        state.wait_for_everyone()
+
+    # Seed-major, so that an interrupted study has whole seeds; within the first seed, calibration sources first
+    # so the calibrated arms can start early (a task waits until its calibration source has finished).
+    sources = {a.calibrate_from for a in arms if a.calibrate_from}
+    tasks = [(a, s) for s in study.seeds for a in arms]
+    tasks.sort(key=lambda t: not (t[0].name in sources and t[1] == study.seeds[0]))
+    results: dict[tuple[str, int], dict] = {}
+    t_start = time.time()
+
+    def finished(arm_name: str, seed: int) -> bool:
+        return (arm_name, seed) in results
+
+    def threshold_for(arm: ArmSpec) -> Optional[float]:
+        if arm.calibrate_from is None:
+            return None
+        if state is None:
+            return _calibrate(study, arm, device)
+        from accelerate.utils import broadcast_object_list
+        box = [_calibrate(study, arm, device) if is_main else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def _is_done(arm: ArmSpec, seed: int, threshold) -> bool:
+        from ..training import run_dir_of
+        cfg = arm_config(study, arm, seed, threshold)
+        return _load_result(run_dir_of(cfg), cfg.train.steps) is not None
+
+    if jobs <= 1:
+        for arm, seed in tasks:
+            print(f"[study] {arm.name} seed {seed} ({time.time() - t_start:.0f} s into the study)", flush=True)
+            results[(arm.name, seed)] = run_arm(study, arm, seed, threshold_for(arm), state=state, device=device)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        pending = list(tasks)
+        running = {}
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                    initargs=(threads,)) as pool:
+            while pending or running:
+                for arm, seed in list(pending):
+                    if len(running) >= jobs:
+                        break
+                    if arm.calibrate_from and not finished(arm.calibrate_from, study.seeds[0]):
+                        continue
+                    pending.remove((arm, seed))
+                    threshold = threshold_for(arm)
+                    if _is_done(arm, seed, threshold):
+                        results[(arm.name, seed)] = run_arm(study, arm, seed, threshold, device=device)
+                        continue
+                    print(f"[study] start {arm.name} seed {seed} ({time.time() - t_start:.0f} s)", flush=True)
+                    fut = pool.submit(_worker_run, study, arm.name, seed, threshold, device)
+                    running[fut] = (arm.name, seed)
+                if not running and not pending:
+                    break
+                if not running:
+                    raise StudyError("no runnable task: a calibration source is missing from the study")
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    key = running.pop(fut)
+                    results[key] = fut.result()      # re-raises a worker's error with its message
+                    print(f"[study] done {key[0]} seed {key[1]} ({time.time() - t_start:.0f} s)", flush=True)
+    timing = time_arms(study, arms, device, {a.name: threshold_for(a) for a in arms}, state)
+    if not is_main:
+        return {}
+    runs = [results[(a.name, s)] for a in study.arms if a in arms for s in study.seeds]
+    summary = aggregate(study, runs, timing)
+    summary["study_seconds_this_invocation"] = round(time.time() - t_start, 1)
+    summary["jobs"] = jobs
+    write_report(study, summary, plots_dir)
+    return summary
+
+
+def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, thresholds: dict, state=None) -> dict:
+    """Seconds per training step of every arm, measured one arm after another with all cores (cached).
+
+    The study's own s/step depends on what ran beside each run (``--jobs``) and on other load on the machine; this
+    pass trains each arm (first seed) for ``evaluation.timing_steps`` steps in this process, alone, and reports the
+    median over logging intervals after the first (start-up) one. Cached in ``<output>/timing.json``.
+    """
+    import torch
+
+    from ..training import train
+
+    is_main = state is None or state.is_main_process
+    steps = study.evaluation.timing_steps
+    file = study.output / "timing.json"
+    cache = json.loads(file.read_text()) if file.is_file() else {}
+    out = {}
+    for arm in arms:
+        key = f"{arm.name}@{steps}@{device}@{torch.get_num_threads()}threads"
+        if key not in cache:
+            cfg = arm_config(study, arm, study.seeds[0], thresholds.get(arm.name))
+            cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = steps, max(1, steps // 4), steps
+            cfg.train.run_dir, cfg.train.run_name = str(study.output / "timing"), arm.name
+            cfg.train.sample_every, cfg.sample.num_per_class, cfg.sample.steps = 0, 1, 2
+            run_dir = Path(cfg.train.run_dir) / arm.name
+            if is_main:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if state is not None:
+                state.wait_for_everyone()
+            train(cfg)                    # under a multi-process launch every process takes part
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            cache[key] = float(np.median([1.0 / r["steps_per_sec"] for r in rows[1:]] or [1.0 / rows[0]["steps_per_sec"]]))
+            if is_main:
+                file.write_text(json.dumps(cache, indent=1))
+                print(f"[study] timing {arm.name}: {cache[key]:.3f} s/step", flush=True)
+        out[arm.name] = cache[key]
+    return out
