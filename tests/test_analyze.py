@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_moe.analyze import (AnalysisError, RoutingRecorder, analyze_checkpoint, default_out_dir, main,
+from dit_moe.analyze import (AnalysisError, analyze_checkpoint, default_out_dir, main,
                              plot_training_curves, read_metrics)
 from dit_moe.checkpoint import CheckpointError, save_checkpoint
 from dit_moe.config import RoutingConfig
@@ -133,7 +133,7 @@ def test_recorder_agrees_with_routing_stats():
     for routing in ("topp", "dtopp"):
         model = tiny(routing, seed=1).train()
         x, t, y = torch.randn(6, 1, 8, 8), torch.randint(0, 1000, (6,)), torch.randint(0, 10, (6,))
-        with RoutingRecorder(model) as rec:
+        with RoutingTap(model, records=True) as rec:
             model(x, t, y)
         stats = moe.routing_step(model)
         means = torch.tensor([float(c[0]["active"].double().mean()) for c in rec.records])
@@ -169,8 +169,8 @@ def test_dense_model_is_refused(tmp_path):
     ckpt = save_checkpoint(tmp_path / "dense", dense)
     with pytest.raises(AnalysisError, match="not an MoE model"):
         analyze_checkpoint(ckpt, num_steps=2, device="cpu")
-    with pytest.raises(AnalysisError, match="not an MoE model"):
-        RoutingRecorder(dense)
+    with pytest.raises(ValueError, match="has no routers"):
+        RoutingTap(dense, records=True)
 
 
 def test_missing_checkpoint_and_bad_classes(tmp_path, capsys):

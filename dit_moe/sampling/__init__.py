@@ -35,7 +35,7 @@ _EXPORTS = {
     "bulk": ("SingleProcess", "existing_indices", "write_npz", "read_samples", "sample_to_folder", "Evaluation",
              "evaluate_samples", "sample_accuracy", "generate", "IMAGE_DIR", "NPZ_FILE", "INFO_FILE", "STATS_DIR",
              "METRICS_FILE"),
-    "trace": ("RoutingRecorder", "trace_routing", "probe_inputs", "probe_routing", "calibrate_topp_threshold"),
+    "trace": ("trace_routing", "probe_inputs", "probe_routing", "calibrate_topp_threshold"),
     "flags": ("FLAGS", "add_checkpoint_arguments", "add_sampler_arguments", "add_class_arguments", "flag_overrides",
               "check_sample_flags", "settings_from_args"),
     "cli": ("add_arguments", "run", "main"),

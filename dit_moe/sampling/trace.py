@@ -21,40 +21,32 @@ if TYPE_CHECKING:
     import torch
 
     from ..config import ExperimentConfig
-    from ..models.routing_tap import RoutingTap
 
-__all__ = ["AnalysisError", "RoutingRecorder", "trace_routing", "probe_inputs", "probe_routing",
-           "calibrate_topp_threshold"]
+__all__ = ["AnalysisError", "trace_routing", "probe_inputs", "probe_routing", "calibrate_topp_threshold"]
 
 
-def RoutingRecorder(model: "torch.nn.Module") -> "RoutingTap":
-    """A recording RoutingTap on ``model`` (per-call records of every router), or AnalysisError for a dense model."""
-    from ..models.routing_tap import RoutingTap
-
-    try:
-        tap = RoutingTap(model, records=True)
-    except ValueError:
-        name = getattr(getattr(model, "model_config", None), "name", type(model).__name__)
-        raise AnalysisError(f"{name} is not an MoE model (no MoE layers, no routers): nothing to analyze") from None
-    blocks = list(getattr(model, "blocks", []))
-    tap.block_index = [next((i for i, b in enumerate(blocks) if any(m is r for m in b.modules())), l)
-                       for l, r in enumerate(tap.routers)]          # the DiT block of each MoE layer
-    return tap
-
-
-def trace_routing(bundle, recorder: "RoutingTap", labels: "torch.Tensor", settings: SampleConfig,
-                  seed: int = 0, batch_size: int = 32) -> dict:
-    """Sample ``labels`` (in batches) with the recording tap ``recorder`` attached and gather every model call's
-    routing.
+def trace_routing(bundle, labels: "torch.Tensor", settings: SampleConfig, seed: int = 0,
+                  batch_size: int = 32) -> dict:
+    """Sample ``labels`` (in batches) with a recording RoutingTap attached and gather every model call's routing.
 
     Returns ``active`` (S, L, 2, Ns, T) int16 -- experts of token t of image n at model call s in layer l, half 0 the
     conditional copy, half 1 the null-class copy (-1 where that call ran unguided: cfg 1 or outside the guidance
     interval) --, ``counts`` (S, L, 2, E) int64 expert loads of each half, ``timesteps`` (S,) network timesteps,
-    ``guided`` (S,) bool, ``latents`` (Ns, C, h, w), ``grid`` (h, w) in patches, ``num_experts``.
+    ``guided`` (S,) bool, ``latents`` (Ns, C, h, w), ``grid`` (h, w) in patches, ``num_experts`` and
+    ``moe_blocks`` (the DiT block of each MoE layer). AnalysisError for a model without routers.
     """
     import torch
 
+    from ..models.routing_tap import RoutingTap
+
     model, shape = bundle.model, bundle.shape
+    try:
+        recorder = RoutingTap(model, records=True)
+    except ValueError as e:
+        raise AnalysisError(f"{e}: nothing to analyze") from None
+    blocks = list(getattr(model, "blocks", []))
+    moe_blocks = [next((i for i, b in enumerate(blocks) if any(m is r for m in b.modules())), l)
+                  for l, r in enumerate(recorder.routers)]
     settings = resolve_settings(settings, bundle.objective, shape[0])
     Ns = labels.shape[0]
     T = (shape[1] // model.patch_size) * (shape[2] // model.patch_size)
@@ -95,7 +87,7 @@ def trace_routing(bundle, recorder: "RoutingTap", labels: "torch.Tensor", settin
                     counts[step, l] += call["counts"]
     return {"active": active, "counts": counts, "timesteps": timesteps, "guided": guided,
             "latents": torch.cat(latents), "grid": (shape[1] // model.patch_size, shape[2] // model.patch_size),
-            "num_experts": E}
+            "num_experts": E, "moe_blocks": moe_blocks}
 
 
 def probe_inputs(cfg: "ExperimentConfig", num_batches: int, batch_size: int, seed: int = 1234):
