@@ -24,7 +24,8 @@ What counts as a token. Under classifier-free guidance every model call routes t
 unconditional (null-class) copy of each image; both are compute actually spent, so per-layer, per-timestep and
 load numbers count both halves (as sampling's activated-expert report does: both read a ``RoutingTap``).
 Per-class numbers and spatial maps use the conditional half only (the null half is the same for every class);
-``per_layer_cond`` / ``per_layer_uncond`` split the per-layer means. Tokens of one image are its (input_size / patch)^2 patches in raster order, batch-major.
+``per_layer_cond`` / ``per_layer_uncond`` split the per-layer means. Tokens of one image are its
+(input_size / patch)^2 patches in raster order, batch-major.
 
 One file per job: ``trace`` (``analyze_checkpoint``: the trajectory, the report's numbers), ``plots``
 (its PNGs), ``curves`` (``read_metrics``, ``plot_training_curves``; no torch import) and ``cli``.

@@ -8,8 +8,8 @@ Dispatch (one path for training and inference, dropless, any number of experts p
   4. outputs are scaled by their weight and scatter-added back to their tokens in fp32, cast once, (N, D).
 
 Host synchronisation on the grouped (GPU) path: none for Top-k (M = N k) and expert choice (M = E C), both static;
-one per MoE layer for the threshold routers (M is data-dependent; see ``RouterOutput.from_mask``). The segment loop needs the sizes on the
-host and reads them once per layer. Statistics are accumulated on the device.
+one per MoE layer for the threshold routers (M is data-dependent; see ``RouterOutput.from_mask``). The segment loop
+needs the sizes on the host and reads them once per layer. Statistics are accumulated on the device.
 
 Router state changes once per optimizer step, never inside forward: training forwards only accumulate sums
 (tensor ops, no host sync) into a non-persistent buffer; ``routing_step(model, all_reduce)`` reduces every layer's

@@ -42,4 +42,5 @@ class TopKRouter(Router):
 
     def extra_repr(self) -> str:
         bias = f", balance_bias(rate={self.bias_rate})" if self.balance_bias is not None else ""
-        return f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}{bias}"
+        return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"renormalize={self.renormalize}{bias}")
