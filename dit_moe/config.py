@@ -55,7 +55,7 @@ class ModelConfig:
 @dataclass
 class RoutingConfig:
     """Router family and hyper-parameters; ``None`` means the router's default (README, Routing options)."""
-    type: str = "topk"                      # topk | topp | dtopp
+    type: str = "topk"                      # topk | topp | dtopp | expert_choice
     renormalize: Optional[bool] = None      # topk/topp: False, dtopp: True
     lb_coef: Optional[float] = None         # load-balance loss; topk/topp: 0.01, dtopp: 1e-4
     lb_global: bool = False                 # all-reduce load statistics over ranks
@@ -78,6 +78,13 @@ class RoutingConfig:
     default_moe: bool = False
     default_mode: str = "forward"           # forward (the published method) | grad_only
     default_beta: float = 0.99
+    # Expert choice (dit_moe/models/routers/expert_choice.py): each expert takes C = capacity_factor * n * K / E tokens
+    capacity_factor: float = 1.0            # 1: the compute of Top-K on average
+    ec_pool: str = "sample"                 # sample: the n = T tokens of each image | batch: all B T tokens
+    ec_eval_pool: Optional[str] = None      # pool of eval-mode forwards (sampling); None: ec_pool
+    # Aux-loss-free balancing (DeepSeek-V3): bias on the selection scores, b += bias_rate * sign(mean load - load)
+    balance_bias: bool = False              # topk | topp | dtopp; lb_coef then defaults to 0
+    bias_rate: float = 1e-3                 # DeepSeek-V3's update speed
 
 
 @dataclass
@@ -184,7 +191,9 @@ class ExperimentConfig:
 CHOICES = {
     "model.expert_kind": ("gelu", "swiglu"),
     "model.timestep_freq_shift": (0, 1),
-    "routing.type": ("topk", "topp", "dtopp"),
+    "routing.type": ("topk", "topp", "dtopp", "expert_choice"),
+    "routing.ec_pool": ("sample", "batch"),
+    "routing.ec_eval_pool": ("sample", "batch", None),
     "routing.scope": ("global", "layer"),
     "routing.threshold_space": ("logit", "linear"),
     "routing.default_mode": ("grad_only", "forward"),
@@ -494,6 +503,12 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
                 check(f"routing.{key}", getattr(r, key) >= 0, "must be >= 0 or null (the router's default)")
         check("routing.drn_log_scale_max", r.drn_log_scale_max >= 0, "must be >= 0 (0 fixes the DRN scale at 1)")
         check("routing.default_beta", 0.0 <= r.default_beta < 1.0, "must be in [0, 1)")
+        check("routing.capacity_factor", 0.0 < r.capacity_factor <= E / arch.top_k,
+              f"must be in (0, E/K = {E / arch.top_k:g}] (at E/K every expert takes every token)")
+        check("routing.bias_rate", r.bias_rate > 0, "must be > 0 (DeepSeek-V3: 1e-3)")
+        if r.balance_bias and r.type == "expert_choice":
+            bad("routing.balance_bias=true does not apply to routing.type=expert_choice: every expert takes exactly "
+                "C tokens, the load is balanced by construction")
 
     # ----- data
     check("data.num_workers", d.num_workers >= 0, "must be >= 0 (0: load in the training process)")

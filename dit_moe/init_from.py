@@ -4,8 +4,9 @@ Unlike ``--resume``, which continues a run exactly (optimizer, schedule, step, d
 copies weights: the run starts at step 0 with a new optimizer. Both the model and its EMA start from the source's
 EMA weights (its raw weights when it saved no EMA): the EMA weights are the ones a checkpoint is sampled and scored
 with, the published DiT files hold nothing else, and a fresh run's EMA equals its model at step 0. Persistent
-router state comes along (DTop-p threshold and integral, Default MoE vectors); the router's hyper-parameters
-are the new config's.
+router state comes along (DTop-p threshold and integral, Default MoE vectors, balance biases); the router's
+hyper-parameters are the new config's. A source without aux-loss-free balancing gives a run with
+``routing.balance_bias=true`` its bias at zero.
 
 The configured model must have the same tensors (names and shapes) as the source, and the same numerical
 conventions (model.timestep_freq_shift, model.mlp_norm_eps), which no shape shows. Other fields may differ
@@ -43,6 +44,8 @@ def load_init_weights(model: torch.nn.Module, ema: torch.nn.Module, path: str | 
                                       f"in the config; set model.{f}={getattr(theirs, f)} (the weights were trained so)")
     state = ckpt.state_dict(which)
     own = model.state_dict()
+    state.update({k: torch.zeros_like(v) for k, v in own.items()       # balancing starts here: b = 0
+                  if k.endswith("router.balance_bias") and k not in state})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own

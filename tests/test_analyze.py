@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from dit_moe.analyze import (AnalysisError, RoutingRecorder, analyze_checkpoint, default_out_dir, main,
+from dit_moe.analyze import (AnalysisError, analyze_checkpoint, default_out_dir, main,
                              plot_training_curves, read_metrics)
 from dit_moe.checkpoint import CheckpointError, save_checkpoint
 from dit_moe.config import RoutingConfig
 from dit_moe.data import DataInfo
 from dit_moe.models import moe
 from dit_moe.registry import build_model
-from dit_moe.sampling import ActiveExpertMeter, SamplerSettings, make_generators, sample_latents, summarize_active
+from dit_moe.models.routing_tap import RoutingTap
+from dit_moe.sampling import SamplerSettings, make_generators, sample_latents
 
 CLASSES = [0, 3, 7]
 PER_CLASS = 2
@@ -111,15 +112,14 @@ def test_dtopp_state_reported(dtopp_run):
 
 
 def test_trajectory_numbers_match_sampling_meter(dtopp_run):
-    """The same trajectory, counted by dit_moe.sampling's own activated-expert meter, gives the same numbers."""
+    """The same trajectory, counted by the tap's running sums (what sampling reports), gives the same numbers as the
+    analysis' per-call records."""
     _, report, model = dtopp_run
     labels = torch.tensor([c for c in CLASSES for _ in range(PER_CLASS)])
     settings = SamplerSettings(sampler="ddpm", steps=STEPS, cfg_scale=1.5)
-    meter = ActiveExpertMeter(model)
-    with meter:
-        sample_latents(model, labels, make_generators(0, range(len(labels))), settings, (1, 8, 8),
-                       callback=lambda i, t, x: meter.set_timestep(t))
-    ref = summarize_active([meter.state()])
+    with RoutingTap(model) as tap:
+        sample_latents(model, labels, make_generators(0, range(len(labels))), settings, (1, 8, 8))
+    ref = tap.report()
     ae = report["active_experts"]
     np.testing.assert_allclose(ae["per_layer"], ref["per_layer"], rtol=1e-5)
     np.testing.assert_allclose(ae["mean"], ref["mean"], rtol=1e-6)
@@ -129,19 +129,21 @@ def test_trajectory_numbers_match_sampling_meter(dtopp_run):
 
 
 def test_recorder_agrees_with_routing_stats():
-    """Per-layer mean experts, load and histogram of one training forward == what routing_step/routing_stats report."""
+    """Per-layer mean experts and load of one training forward's records == what routing_step/routing_stats report."""
     for routing in ("topp", "dtopp"):
         model = tiny(routing, seed=1).train()
         x, t, y = torch.randn(6, 1, 8, 8), torch.randint(0, 1000, (6,)), torch.randint(0, 10, (6,))
-        with RoutingRecorder(model) as rec:
+        with RoutingTap(model, records=True) as rec:
             model(x, t, y)
         stats = moe.routing_step(model)
-        np.testing.assert_allclose(rec.per_layer_mean().numpy(), stats["mean_active"].numpy(), rtol=1e-6)
-        np.testing.assert_allclose(rec.per_layer_load().numpy(), stats["load"].numpy(), rtol=1e-5, atol=1e-7)
-        assert (rec.per_layer_mean() > 1).any(), routing  # not trivially one expert per token
+        means = torch.tensor([float(c[0]["active"].double().mean()) for c in rec.records])
+        loads = torch.stack([c[0]["counts"].sum(0).double() / c[0]["counts"].sum() for c in rec.records])
+        np.testing.assert_allclose(means.numpy(), stats["mean_active"].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(loads.numpy(), stats["load"].numpy(), rtol=1e-5, atol=1e-7)
+        assert (means > 1).any(), routing  # not trivially one expert per token
         # The hooks are gone after the with-block.
         model(x, t, y)
-        assert all(len(c) == 1 for c in rec.calls)
+        assert all(len(c) == 1 for c in rec.records)
 
 
 def test_topk_is_flat(topk_report):
@@ -167,8 +169,8 @@ def test_dense_model_is_refused(tmp_path):
     ckpt = save_checkpoint(tmp_path / "dense", dense)
     with pytest.raises(AnalysisError, match="not an MoE model"):
         analyze_checkpoint(ckpt, num_steps=2, device="cpu")
-    with pytest.raises(AnalysisError, match="not an MoE model"):
-        RoutingRecorder(dense)
+    with pytest.raises(ValueError, match="has no routers"):
+        RoutingTap(dense, records=True)
 
 
 def test_missing_checkpoint_and_bad_classes(tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 On a GPU a host read of a device value (``.item()``, ``.tolist()``, ``nonzero`` without a static size, ``bincount``
 sizing its output, boolean indexing) stalls the CPU until the GPU queue drains. The grouped-matmul path needs none
-for Top-k and one per MoE layer for the threshold routers (their number of pairs is data-dependent). This test
+for Top-k (with or without a balance bias) and expert choice (both have a static number of pairs), and one per MoE
+layer for the threshold routers (their number of pairs is data-dependent). This test
 forces that path on the CPU (``USE_GROUPED_MM = True``) and records, with a TorchDispatchMode, every aten op that
 forces such a read on CUDA, plus Python-level copies of tensors to lists or NumPy (which bypass the dispatcher).
 """
@@ -102,6 +103,10 @@ TOPK_CASES = {
     "topk": RoutingConfig(type="topk"),
     "topk_renorm_shared": RoutingConfig(type="topk", renormalize=True),
     "topk_default_moe": RoutingConfig(type="topk", default_moe=True, default_mode="forward"),
+    "topk_balance_bias": RoutingConfig(type="topk", balance_bias=True),
+    "expert_choice": RoutingConfig(type="expert_choice"),
+    "expert_choice_batch_renorm_default_moe": RoutingConfig(type="expert_choice", ec_pool="batch", renormalize=True,
+                                                            default_moe=True),
 }
 
 
@@ -112,8 +117,10 @@ def test_topk_moe_mlp_forward_backward_has_no_host_sync(case, record):
     assert _count(record, _mlp_step, moe) == []
 
 
-def test_topk_tiny_dit_forward_backward_has_no_host_sync(record):
-    assert _count(record, _dit_step, _tiny_dit(RoutingConfig(type="topk"))) == []
+@pytest.mark.parametrize("cfg", [RoutingConfig(type="topk"), RoutingConfig(type="topk", balance_bias=True),
+                                 RoutingConfig(type="expert_choice")], ids=["topk", "topk_bias", "expert_choice"])
+def test_static_routers_tiny_dit_forward_backward_has_no_host_sync(cfg, record):
+    assert _count(record, _dit_step, _tiny_dit(cfg)) == []
 
 
 @pytest.mark.parametrize("rtype", ["topp", "dtopp"])
@@ -123,6 +130,8 @@ def test_threshold_routers_sync_once_per_moe_layer(rtype, record):
     depth = 3
     assert _count(record, _dit_step, _tiny_dit(RoutingConfig(type=rtype, default_moe=True), depth=depth)) == \
         ["_local_scalar_dense"] * depth
+    biased = RoutingConfig(type=rtype, balance_bias=True)
+    assert _count(record, _dit_step, _tiny_dit(biased, depth=depth)) == ["_local_scalar_dense"] * depth
 
 
 def test_recorder_catches_what_it_should(record):
@@ -136,3 +145,20 @@ def test_recorder_catches_what_it_should(record):
         torch.nonzero_static(t, size=3)                           # static size: no sync
         torch.repeat_interleave(t, t, output_size=5)              # static size: no sync
     assert record.syncs == ["Tensor.tolist", "_local_scalar_dense", "bincount", "index with a boolean mask"]
+
+
+def test_routing_tap_sums_add_no_host_sync(record):
+    """The sampling meter (a RoutingTap keeping sums per bucket, class and patch) reads nothing to the host."""
+    from dit_moe.models.routing_tap import RoutingTap
+
+    model = _tiny_dit(RoutingConfig(type="expert_choice")).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 999]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        model(x, t, y)                                            # warm-up: the grouped_mm probe
+        with RoutingTap(model, by_class=True, by_patch=True) as tap:
+            model(x, t, y)                                        # the patch sums are sized on the first call
+            record.syncs.clear()
+            with record:
+                model(x, t, y)
+    assert record.syncs == []
+    assert tap.sums[..., 1].sum() == 2 * 3 * 16 * 2             # calls x samples x tokens x layers

@@ -1,8 +1,9 @@
 """Two CPU processes (gloo): router state stays identical across ranks that see different data.
 
-Each rank trains the same small DTop-p + Default MoE network under DDP on its own data stream and calls
-``routing_step`` with a torch.distributed SUM all-reduce after every optimizer step. The controller state
-(threshold, integral, measured) and every layer's default vectors must then be bitwise equal on both ranks.
+Each rank trains the same small networks under DDP on its own data stream and calls ``routing_step`` with a
+torch.distributed SUM all-reduce after every optimizer step: DTop-p + Default MoE + balance bias, and Top-k +
+balance bias. The controller state (threshold, integral, measured), every layer's default vectors and every
+router's balance bias must then be bitwise equal on both ranks.
 """
 import json
 import os
@@ -33,11 +34,10 @@ def _worker(rank: int, out_dir: str) -> None:
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.manual_seed(0)                                              # identical initial weights on both ranks
-    cfg = RoutingConfig(type="dtopp", default_moe=True, default_beta=0.5)
     mc = ModelConfig(expert_hidden_ratio=2.0)
 
     class Net(nn.Module):
-        def __init__(self):
+        def __init__(self, cfg):
             super().__init__()
             self.routing_controller = build_controller(cfg, 4, 2, 2)
             self.moes = nn.ModuleList([build_moe_mlp(16, i, 4, 2, mc, cfg, self.routing_controller) for i in range(2)])
@@ -48,28 +48,35 @@ def _worker(rank: int, out_dir: str) -> None:
                 x = x + m(x)
             return self.out(x)
 
-    net = Net()
-    model = DDP(net)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nets = {"dtopp": Net(RoutingConfig(type="dtopp", default_moe=True, default_beta=0.5, balance_bias=True,
+                                       bias_rate=0.01)),
+            "topk": Net(RoutingConfig(type="topk", balance_bias=True, bias_rate=0.01))}
+    models = {k: DDP(n) for k, n in nets.items()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
     g = torch.Generator().manual_seed(100 + rank)                     # different data per rank
 
     def all_reduce(t):
         dist.all_reduce(t)
         return t
 
-    local_means = []
-    for _ in range(STEPS):
-        for _micro in range(2):                                       # gradient accumulation: two micro-batches
-            x = torch.randn(32 + 16 * rank, 16, generator=g)
-            loss = model(x).pow(2).mean() + collect_aux_loss(net)[0]
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
-        local_means.append(float(sum(m.routing_acc[0] / m.routing_acc[1] for m in net.moes) / 2))
-        routing_step(net, all_reduce)
-    state = {k: v.tolist() for k, v in net.state_dict().items() if "routing_controller" in k or "default_vectors" in k}
-    state["local_means"] = local_means
+    state = {}
+    for name, net in nets.items():
+        local_means = []
+        for _ in range(STEPS):
+            for _micro in range(2):                                   # gradient accumulation: two micro-batches
+                x = torch.randn(32 + 16 * rank, 16, generator=g)
+                loss = models[name](x).pow(2).mean() + collect_aux_loss(net)[0]
+                loss.backward()
+            opts[name].step()
+            opts[name].zero_grad()
+            local_means.append([m.routing_acc[:10].tolist() for m in net.moes])
+            routing_step(net, all_reduce)
+        state.update({f"{name}.{k}": v.tolist() for k, v in net.state_dict().items()
+                      if "routing_controller" in k or "default_vectors" in k or "balance_bias" in k})
+        state[f"{name}.local"] = local_means
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(state))
+    dist.barrier()                       # both ranks done before the DDP reducers and the group are torn down
+    del models
     dist.destroy_process_group()
 
 
@@ -84,11 +91,15 @@ def test_router_state_identical_across_two_ranks(tmp_path):
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} failed:\n{log}"
     states = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    local = [s.pop("local_means") for s in states]
-    assert local[0] != local[1], "the ranks must have seen different routing statistics"
+    for name in ("dtopp", "topk"):
+        local = [s.pop(f"{name}.local") for s in states]
+        assert local[0] != local[1], f"{name}: the ranks must have seen different routing statistics"
     assert states[0].keys() == states[1].keys()
-    assert {"routing_controller.threshold", "moes.0.default_vectors.vectors"} <= states[0].keys()
+    assert {"dtopp.routing_controller.threshold", "dtopp.moes.0.default_vectors.vectors",
+            "dtopp.moes.1.router.balance_bias", "topk.moes.0.router.balance_bias"} <= states[0].keys()
     for key in states[0]:
         assert states[0][key] == states[1][key], f"{key} differs between ranks"
-    assert states[0]["routing_controller.threshold"] != [0.5], "the controller moved"
-    assert torch.tensor(states[0]["moes.1.default_vectors.vectors"]).abs().sum() > 0
+    assert states[0]["dtopp.routing_controller.threshold"] != [0.5], "the controller moved"
+    assert torch.tensor(states[0]["dtopp.moes.1.default_vectors.vectors"]).abs().sum() > 0
+    for key in ("dtopp.moes.0.router.balance_bias", "topk.moes.1.router.balance_bias"):
+        assert torch.tensor(states[0][key]).abs().sum() > 0, f"{key} never moved"

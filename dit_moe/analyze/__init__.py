@@ -3,8 +3,8 @@
 Two jobs, one command:
 
 * ``analyze_checkpoint``: rebuild a checkpoint, sample a few images per class with CFG along the real sampling
-  trajectory (``dit_moe.sampling.sample_latents``), and record through forward hooks on every MoE layer's router
-  the number of experts each token activates and each expert's load. Writes PNG plots and ``analysis.json``:
+  trajectory (``dit_moe.sampling.sample_latents``), and record with a ``RoutingTap`` (hooks on every MoE layer's
+  router) the number of experts each token activates and each expert's load. Writes PNG plots and ``analysis.json``:
 
       active_per_layer.png     mean activated experts per MoE layer (bars, +-1 std over tokens), target line
       active_per_timestep.png  mean activated experts against the timestep, one curve per group of layers
@@ -22,11 +22,12 @@ Two jobs, one command:
 
 What counts as a token. Under classifier-free guidance every model call routes the conditional and the
 unconditional (null-class) copy of each image; both are compute actually spent, so per-layer, per-timestep and
-load numbers count both halves (as ``sampling.ActiveExpertMeter`` does). Per-class numbers and spatial maps use the
-conditional half only (the null half is the same for every class); ``per_layer_cond`` / ``per_layer_uncond`` split
-the per-layer means. Tokens of one image are its (input_size / patch)^2 patches in raster order, batch-major.
+load numbers count both halves (as sampling's activated-expert report does: both read a ``RoutingTap``).
+Per-class numbers and spatial maps use the conditional half only (the null half is the same for every class);
+``per_layer_cond`` / ``per_layer_uncond`` split the per-layer means. Tokens of one image are its
+(input_size / patch)^2 patches in raster order, batch-major.
 
-One file per job: ``trace`` (``analyze_checkpoint``: the trajectory, the recorder, the report's numbers), ``plots``
+One file per job: ``trace`` (``analyze_checkpoint``: the trajectory, the report's numbers), ``plots``
 (its PNGs), ``curves`` (``read_metrics``, ``plot_training_curves``; no torch import) and ``cli``.
 """
 from ..sampling.errors import AnalysisError
@@ -34,19 +35,10 @@ from .cli import main
 from .curves import METRICS_FILE, read_metrics, plot_training_curves
 from .trace import JSON_FILE, analyze_checkpoint, default_out_dir
 
-
-def __getattr__(name: str):
-    if name == "RoutingRecorder":     # lives with the sampling trace; imported on demand (it needs torch)
-        from ..sampling.trace import RoutingRecorder
-        return RoutingRecorder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "AnalysisError",
     "JSON_FILE",
     "METRICS_FILE",
-    "RoutingRecorder",
     "default_out_dir",
     "analyze_checkpoint",
     "read_metrics",

@@ -1,8 +1,8 @@
 """Routing of a checkpoint along its own sampling trajectory: ``analyze_checkpoint`` and the numbers of its report.
 
-The router decisions come from ``dit_moe.sampling.trace`` (``RoutingRecorder`` attached while ``trace_routing``
-samples); this file is the one place the analysis reads the recorder (its layers, routers and experts), so a new
-way of reading router outputs changes this file only.
+The router decisions come from ``dit_moe.sampling.trace.trace_routing``, which samples with a recording
+``RoutingTap`` (dit_moe/models/routing_tap.py, the toolkit's one reader of router outputs) attached; this file
+turns its arrays into the report's numbers.
 """
 from __future__ import annotations
 
@@ -115,8 +115,7 @@ def analyze_checkpoint(
 
     from ..sampling import trace as trace_module
 
-    recorder = trace_module.RoutingRecorder(model)
-    trace = trace_module.trace_routing(bundle, recorder, labels, settings, seed=seed, batch_size=batch_size)
+    trace = trace_module.trace_routing(bundle, labels, settings, seed=seed, batch_size=batch_size)
     images = None
     if bundle.decodable:
         images = to_uint8(bundle.decode(trace["latents"].to(bundle.device))).cpu()
@@ -124,7 +123,7 @@ def analyze_checkpoint(
         print(f"note: no data_info and {cfg.in_channels}-channel latents: spatial maps are drawn without the image"
               " (pass --vae to decode)", file=sys.stderr)
 
-    report = _summarize(trace, recorder, model, bundle.checkpoint, arch, settings, class_ids, names, labels, seed,
+    report = _summarize(trace, model, bundle.checkpoint, arch, settings, class_ids, names, labels, seed,
                         num_per_class, num_buckets, spatial_steps)
     files = _plot_checkpoint(report, trace, images, labels, class_ids, names, out_dir)
     report["files"] = files + [JSON_FILE]
@@ -158,10 +157,11 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor, dims) -> torch.Tenso
     return torch.where(n > 0, v / n.clamp(min=1), torch.full_like(v, float("nan")))
 
 
-def _summarize(trace, recorder, model, ckpt, arch, settings, class_ids, names, labels, seed, num_per_class,
+def _summarize(trace, model, ckpt, arch, settings, class_ids, names, labels, seed, num_per_class,
                num_buckets, spatial_steps) -> dict:
     import torch
 
+    from ..models.moe import moe_layers
     from ..models.routers import DTopPRouter
     from ..sampling import SCHEDULE
 
@@ -169,7 +169,7 @@ def _summarize(trace, recorder, model, ckpt, arch, settings, class_ids, names, l
     valid = trace["active"] >= 0
     counts = trace["counts"]                             # (S, L, 2, E)
     S, L, _, Ns, T = active.shape
-    E = recorder.num_experts
+    E = trace["num_experts"]
     ts = torch.tensor(trace["timesteps"])
 
     per_layer = _masked_mean(active, valid, (0, 2, 3, 4))                        # (L,)
@@ -211,9 +211,11 @@ def _summarize(trace, recorder, model, ckpt, arch, settings, class_ids, names, l
 
     routing = ckpt.routing_config
     controller = getattr(model, "routing_controller", None)
-    drn = [float(r.scale().detach()) if isinstance(r, DTopPRouter) else None for r in recorder.routers]
+    drn = [float(l.router.scale().detach()) if isinstance(l.router, DTopPRouter) else None for l in moe_layers(model)]
     if routing.type == "topk":
         target = float(arch.top_k)
+    elif routing.type == "expert_choice":
+        target = float(arch.top_k * routing.capacity_factor)
     elif routing.type == "dtopp" and controller is not None:
         target = float(controller.target)
     else:
@@ -226,7 +228,7 @@ def _summarize(trace, recorder, model, ckpt, arch, settings, class_ids, names, l
         "num_experts": E,
         "top_k": arch.top_k,
         "target_experts": target,
-        "moe_blocks": recorder.block_index,
+        "moe_blocks": trace["moe_blocks"],
         "tokens_per_image": T,
         "settings": {"sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
                      "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
@@ -242,6 +244,7 @@ def _summarize(trace, recorder, model, ckpt, arch, settings, class_ids, names, l
             "per_layer_cond": _f(_masked_mean(active[:, :, 0], valid[:, :, 0], (0, 2, 3))),
             "per_layer_uncond": _f(_masked_mean(active[:, :, 1], valid[:, :, 1], (0, 2, 3))),
             "histogram": _f(hist),
+            "unrouted_frac": _f(hist[:, 0]),          # per layer: tokens no expert took (expert choice)
             "per_step": {"timesteps": ts.tolist(), "mean": _f(per_step_mean), "per_layer": _f(per_step)},
             "per_bucket": {"buckets": [[b * Tn // num_buckets, (b + 1) * Tn // num_buckets - 1]
                                        for b in range(num_buckets)],

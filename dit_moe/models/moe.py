@@ -7,13 +7,14 @@ Dispatch (one path for training and inference, dropless, any number of experts p
      offsets where torch runs it for the device, dtype and shape, else a loop over the E segments;
   4. outputs are scaled by their weight and scatter-added back to their tokens in fp32, cast once, (N, D).
 
-Host synchronisation on the grouped (GPU) path: none for Top-k (M = N k is static), one per MoE layer for the
-threshold routers (M is data-dependent; see ``RouterOutput.from_mask``). The segment loop needs the sizes on the
-host and reads them once per layer. Statistics are accumulated on the device.
+Host synchronisation on the grouped (GPU) path: none for Top-k (M = N k) and expert choice (M = E C), both static;
+one per MoE layer for the threshold routers (M is data-dependent; see ``RouterOutput.from_mask``). The segment loop
+needs the sizes on the host and reads them once per layer. Statistics are accumulated on the device.
 
 Router state changes once per optimizer step, never inside forward: training forwards only accumulate sums
 (tensor ops, no host sync) into a non-persistent buffer; ``routing_step(model, all_reduce)`` reduces every layer's
-sums in one all-reduce and then steps the DTop-p controller, the Default MoE vectors and the logged statistics.
+sums in one all-reduce and then steps the DTop-p controller, the Default MoE vectors, the balance biases and the
+logged statistics. What is summed per token, and the names of the metrics, are defined once in ``routing_tap``.
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ import torch.nn.functional as F
 
 from .default_moe import DefaultVectors
 from .experts import EXPERT_KINDS, ExpertBank, compute_dtype
-from .routers import DTopPRouter, Router, RouterOutput, ThresholdController, TopKRouter, TopPRouter
+from .routers import (DTopPRouter, ExpertChoiceRouter, Router, RouterOutput, ThresholdController, TopKRouter,
+                      TopPRouter)
+from .routing_tap import METRICS, num_sums, stats_from_sums, sum_slices, token_stats
 
-__all__ = ["EXPERT_KINDS", "ExpertBank", "MoEMLP", "USE_GROUPED_MM", "build_controller", "build_moe_mlp",
-           "build_router", "collect_aux_loss", "moe_layers", "routing_stats", "routing_step"]
+__all__ = ["EXPERT_KINDS", "ExpertBank", "METRICS", "MoEMLP", "ROUTER_TYPES", "USE_GROUPED_MM", "build_controller",
+           "build_moe_mlp", "build_router", "collect_aux_loss", "moe_layers", "routing_stats", "routing_step"]
 
 logger = logging.getLogger(__name__)
+ACTIVE, TOKENS = sum_slices(1)["active"], sum_slices(1)["tokens"]     # where token_stats keeps sum m and N
 
 # Grouped matmul policy: "auto" uses torch's grouped_mm off the CPU where it runs the bank's shapes; True forces it
 # wherever it runs (CPU fp32/bf16 works but is slower than the segment loop there, see benchmarks/moe_dispatch.py);
@@ -76,9 +80,8 @@ class MoEMLP(nn.Module):
     route. A recompute under gradient checkpointing has no side effect (see ``_in_backward``).
     """
 
-    # Accumulator layout (fp32): the head below, then counts (E), histogram of m in 0..E (E+1), then, with
+    # Accumulator layout (fp32): the per-token sums of routing_tap.token_stats (num_sums(E) values), then, with
     # Default MoE, the per-expert output sums (E * D).
-    HEAD = ("active_sum", "tokens", "entropy_sum", "capped", "logit_std_sum")
 
     def __init__(self, dim: int, router: Router, experts: ExpertBank, shared: Optional[ExpertBank] = None,
                  default_vectors: Optional[DefaultVectors] = None):
@@ -93,10 +96,9 @@ class MoEMLP(nn.Module):
         self.default_vectors = default_vectors
         self.last_aux_loss: torch.Tensor | None = None
         self.last_aux_terms: dict[str, torch.Tensor] = {}
-        E, H = self.num_experts, len(self.HEAD)
-        self.counts_slice = slice(H, H + E)
-        self.hist_slice = slice(H + E, H + 2 * E + 1)
-        self.num_stats = H + 2 * E + 1
+        E = self.num_experts
+        self.counts_slice = sum_slices(E)["counts"]
+        self.num_stats = num_sums(E)
         size = self.num_stats + (E * dim if default_vectors is not None else 0)
         self.register_buffer("routing_acc", torch.zeros(size), persistent=False)
         self.register_buffer("routing_last", torch.zeros(self.num_stats), persistent=False)
@@ -117,8 +119,9 @@ class MoEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        samples = shape[:-2].numel() if len(shape) > 2 else 1             # images: expert choice pools per image
         x = x.reshape(-1, self.dim)                                       # (N, D)
-        r = self.router(x)
+        r = self.router(x, samples)
         xs = x.index_select(0, r.token_idx)                               # (M, D), expert-contiguous
         grouped = _grouped_mm_available(self.experts, x.device, compute_dtype(x))
         ys = self.experts(xs, None if grouped else r.sizes, r.counts, r.expert_idx, grouped=grouped)   # (M, D)
@@ -137,34 +140,18 @@ class MoEMLP(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, r: RouterOutput, ys: torch.Tensor) -> None:
-        E = self.num_experts
-        m = r.num_active
-        entropy = -(r.probs * r.probs.clamp(min=1e-20).log()).sum()
-        capped = r.capped.sum() if r.capped is not None else m.new_zeros(())
-        hist = torch.zeros(E + 1, device=m.device).index_add_(0, m, torch.ones_like(m, dtype=torch.float32))
-        logit_std = r.logits.std(dim=1, correction=0).sum()
-        head = torch.stack([m.sum().float(), torch.ones((), device=m.device) * m.shape[0], entropy.float(),
-                            capped.float(), logit_std.float()])
-        self.routing_acc[: self.num_stats].add_(torch.cat([head, r.counts.float(), hist]))
+        self.routing_acc[: self.num_stats].add_(token_stats(r).sum(0).to(self.routing_acc.dtype))
         if self.default_vectors is not None:
-            sums = DefaultVectors.output_sums(ys, r.expert_idx, E)
+            sums = DefaultVectors.output_sums(ys, r.expert_idx, self.num_experts)
             self.routing_acc[self.num_stats:].add_(sums.flatten())
 
     def layer_stats(self) -> dict[str, torch.Tensor]:
-        """This layer's statistics from the last ``routing_step`` (tensors; zeros before the first)."""
-        s = self.routing_last
-        tokens = s[1].clamp(min=1)
-        counts = s[self.counts_slice]
-        stats = {
-            "mean_active": s[0] / tokens,
-            "entropy": s[2] / tokens,
-            "cap_frac": s[3] / tokens,
-            "logit_std": s[4] / tokens,
-            "load": counts / counts.sum().clamp(min=1),
-            "active_hist": s[self.hist_slice] / tokens,
-        }
+        """This layer's statistics (METRICS names) from the last ``routing_step`` (tensors; zeros before the first)."""
+        stats = stats_from_sums(self.routing_last, self.num_experts)
         if isinstance(self.router, DTopPRouter):
             stats["drn_scale"] = self.router.scale().detach()
+        if self.router.balance_bias is not None:
+            stats["balance_bias"] = self.router.balance_bias.detach().clone()
         return stats
 
     def extra_repr(self) -> str:
@@ -210,7 +197,8 @@ def routing_step(model: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Te
 
     Concatenates every layer's accumulator into one flat fp32 tensor, calls ``all_reduce`` once (a SUM over
     ranks; None for one process), steps the DTop-p controller and the Default MoE vectors from the reduced sums
-    (identical on every rank), clamps the DRN scales, records the statistics and zeroes the accumulators.
+    (identical on every rank), moves the balance biases (``Router.update_balance_bias`` from the reduced counts),
+    clamps the DRN scales, records the statistics and zeroes the accumulators.
     Returns ``routing_stats(model)``. Layers that saw no token (eval, nothing accumulated) keep their state.
     """
     layers = moe_layers(model)
@@ -228,9 +216,10 @@ def routing_step(model: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Te
         layer.routing_last.copy_(acc[: layer.num_stats])
         if layer.default_vectors is not None:
             layer.default_vectors.update(acc[layer.num_stats:].view(E, layer.dim), acc[layer.counts_slice])
+        layer.router.update_balance_bias(acc[layer.counts_slice])
         if isinstance(layer.router, DTopPRouter):
             layer.router.clamp_scale_()
-            dtopp.append((layer.router.layer_index, acc[0], acc[1]))
+            dtopp.append((layer.router.layer_index, acc[ACTIVE], acc[TOKENS]))
         layer.routing_acc.zero_()
     if controller is not None:
         dtopp.sort(key=lambda t: t[0])
@@ -244,13 +233,12 @@ def routing_step(model: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Te
 def routing_stats(model: nn.Module, warn: bool = True) -> dict[str, torch.Tensor]:
     """Latest routing statistics as tensors (converted by the caller on logging steps only).
 
-    Per MoE layer, stacked over layers (L, ...): ``mean_active``, ``entropy`` (nats), ``cap_frac``, ``logit_std``
-    (mean over tokens of the raw router logits' spread over the experts, before any normalisation), ``load``
-    (L, E), ``active_hist`` (L, E+1; fraction of tokens with m experts), ``drn_scale`` (DTop-p). Controller
-    (DTop-p), one entry per threshold (1 global, L layer-wise): ``threshold``, ``integral``, ``measured``,
-    ``error``, ``threshold_saturated`` (last update: 1 / -1 if it wanted to pass p_max / p_min, else 0) and
-    ``saturated_steps`` (updates that did so since the model was built). With ``warn``, a saturated controller
-    warns once (this reads one value to the host).
+    Keys and their definitions: ``routing_tap.METRICS``. Per MoE layer, stacked over layers (L, ...):
+    ``mean_active``, ``active_std``, ``entropy``, ``cap_frac``, ``unrouted_frac``, ``logit_std``, ``load`` (L, E),
+    ``active_hist`` (L, E+1), ``tokens``, ``drn_scale`` (DTop-p), ``balance_bias`` (L, E; with the bias).
+    Controller (DTop-p), one entry per threshold (1 global, L layer-wise): ``threshold``, ``integral``,
+    ``measured``, ``error``, ``threshold_saturated`` and ``saturated_steps``. With ``warn``, a saturated
+    controller warns once (this reads one value to the host).
     """
     layers = moe_layers(model)
     if not layers:
@@ -286,25 +274,42 @@ def build_controller(routing_cfg, num_experts: int, top_k: int, num_moe_layers: 
         space=routing_cfg.threshold_space)
 
 
+ROUTER_TYPES = ("topk", "topp", "dtopp", "expert_choice")
+
+
 def build_router(dim: int, moe_layer: int, num_experts: int, top_k: int, routing_cfg,
                  controller: ThresholdController | None) -> Router:
-    """A router from ``RoutingConfig``; None-valued fields take the router's published default."""
+    """A router from ``RoutingConfig``; None-valued fields take the router's published default.
+
+    With ``balance_bias`` (aux-loss-free balancing) the load-balance loss defaults to 0: the bias replaces it.
+    """
     c = routing_cfg
+    bias = dict(balance_bias=getattr(c, "balance_bias", False), bias_rate=getattr(c, "bias_rate", 1e-3))
+    lb_off = bias["balance_bias"]
     if c.type == "topk":
-        return TopKRouter(dim, num_experts, top_k, renormalize=_or(c.renormalize, False), lb_coef=_or(c.lb_coef, 0.01),
-                          entropy_coef=_or(c.entropy_coef, 0.0), lb_global=c.lb_global)
+        return TopKRouter(dim, num_experts, top_k, renormalize=_or(c.renormalize, False),
+                          lb_coef=_or(c.lb_coef, 0.0 if lb_off else 0.01), entropy_coef=_or(c.entropy_coef, 0.0),
+                          lb_global=c.lb_global, **bias)
     if c.type == "topp":
         return TopPRouter(dim, num_experts, threshold=c.threshold, k_max=c.k_max,
-                          renormalize=_or(c.renormalize, False), lb_coef=_or(c.lb_coef, 0.01),
-                          entropy_coef=_or(c.entropy_coef, 0.0), lb_global=c.lb_global)
+                          renormalize=_or(c.renormalize, False), lb_coef=_or(c.lb_coef, 0.0 if lb_off else 0.01),
+                          entropy_coef=_or(c.entropy_coef, 0.0), lb_global=c.lb_global, **bias)
     if c.type == "dtopp":
         if controller is None:
             raise ValueError("routing.type=dtopp needs the model's ThresholdController (build_controller)")
         return DTopPRouter(dim, num_experts, controller, moe_layer, k_max=c.k_max,
-                           renormalize=_or(c.renormalize, True), lb_coef=_or(c.lb_coef, 1e-4),
+                           renormalize=_or(c.renormalize, True), lb_coef=_or(c.lb_coef, 0.0 if lb_off else 1e-4),
                            entropy_coef=_or(c.entropy_coef, 1e-3), lb_global=c.lb_global,
-                           log_scale_max=c.drn_log_scale_max, scale_max=c.drn_scale_max)
-    raise ValueError(f"routing.type={c.type!r} must be one of topk, topp, dtopp")
+                           log_scale_max=c.drn_log_scale_max, scale_max=c.drn_scale_max, **bias)
+    if c.type == "expert_choice":
+        if bias["balance_bias"]:
+            raise ValueError("routing.balance_bias=true with routing.type=expert_choice: expert choice balances "
+                             "the load by construction (every expert takes C tokens)")
+        return ExpertChoiceRouter(dim, num_experts, top_k, capacity_factor=c.capacity_factor, pool=c.ec_pool,
+                                  eval_pool=c.ec_eval_pool, renormalize=_or(c.renormalize, False),
+                                  lb_coef=_or(c.lb_coef, 0.0), entropy_coef=_or(c.entropy_coef, 0.0),
+                                  lb_global=c.lb_global)
+    raise ValueError(f"routing.type={c.type!r} must be one of {', '.join(ROUTER_TYPES)}")
 
 
 def build_moe_mlp(dim: int, layer_index: int, num_experts: int, top_k: int, model_cfg, routing_cfg,

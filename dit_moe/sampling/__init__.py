@@ -7,7 +7,7 @@ One file per job:
     loop.py       per-sample seeds and generators, labels, CFG with a guidance interval, ``sample_latents``
     grid.py       labelled grids (``sample_grid``) and the trainer's EMA grid (``training_grid``)
     bulk.py       N samples to a folder + ADM npz, resumable across processes; metrics of the folder (``generate``)
-    experts.py    activated experts per token while sampling (MoE models)
+    experts.py    activated experts per token while sampling (MoE models; a dit_moe.models.routing_tap.RoutingTap)
     calibrate.py  DTop-p: the threshold that makes sampling activate K experts per token
     trace.py      router decisions along a trajectory (``dit_moe.analyze``) or on fixed probe inputs (the study)
     flags.py      the sampling command-line flags, shared by sample.py, analyze and the demo
@@ -30,12 +30,12 @@ _EXPORTS = {
     "loop": ("LABEL_POLICIES", "derive_seed", "sample_seed", "make_generators", "make_labels", "check_labels",
              "initial_noise", "sample_latents"),
     "grid": ("make_grid", "short_name", "resolve_classes", "grid_labels", "sample_grid", "training_grid"),
-    "experts": ("ActiveExpertMeter", "summarize_active", "format_active", "has_routers"),
+    "experts": ("expert_tap", "summarize_active", "format_active", "has_routers"),
     "calibrate": ("require_dtopp", "calibrate_threshold"),
     "bulk": ("SingleProcess", "existing_indices", "write_npz", "read_samples", "sample_to_folder", "Evaluation",
              "evaluate_samples", "sample_accuracy", "generate", "IMAGE_DIR", "NPZ_FILE", "INFO_FILE", "STATS_DIR",
              "METRICS_FILE"),
-    "trace": ("RoutingRecorder", "trace_routing", "probe_inputs", "probe_routing", "calibrate_topp_threshold"),
+    "trace": ("trace_routing", "probe_inputs", "probe_routing", "calibrate_topp_threshold"),
     "flags": ("FLAGS", "add_checkpoint_arguments", "add_sampler_arguments", "add_class_arguments", "flag_overrides",
               "check_sample_flags", "settings_from_args"),
     "cli": ("add_arguments", "run", "main"),

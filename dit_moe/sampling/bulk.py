@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..config import SampleConfig
-from .experts import ActiveExpertMeter, has_routers, summarize_active
+from .experts import expert_tap, summarize_active
 from .loop import make_generators, make_labels, sample_latents
 from .settings import SamplingError, objective_for, resolve_settings
 
@@ -209,34 +209,32 @@ def sample_to_folder(
     rank, world = state.process_index, state.num_processes
     todo = [i for i in range(num_samples) if i % world == rank and i not in done]
 
-    meter = ActiveExpertMeter(model) if has_routers(model) else None
     stats_file = out_dir / STATS_DIR / f"rank{rank:05d}.json"
-    if meter is not None and stats_file.exists():
-        meter.load_state(json.loads(stats_file.read_text())["active_experts"])
+    saved = json.loads(stats_file.read_text())["active_experts"] if stats_file.exists() else None
+    tap = expert_tap(model, saved, where=str(stats_file))          # reads t from the model's own forward
 
     bar = None
     if progress and state.is_main_process:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=f"sampling (rank 0 of {world})", unit="img", dynamic_ncols=True)
     device = next(model.parameters()).device
-    callback = (lambda i, t, x: meter.set_timestep(t)) if meter is not None else None
     try:
-        if meter is not None:
-            meter.__enter__()
+        if tap is not None:
+            tap.__enter__()
         for b in range(0, len(todo), batch_size):
             idx = todo[b:b + batch_size]
             latents = sample_latents(model, all_labels[idx], make_generators(seed, idx), settings, shape,
-                                     device=device, callback=callback, objective=objective)
+                                     device=device, objective=objective)
             images = to_uint8(decode(latents)).permute(0, 2, 3, 1).cpu().numpy()   # (n, H, W, 3)
             for i, img in zip(idx, images):
                 _save_png(_image_path(out_dir, i), img)
-            if meter is not None:
-                _write_json(stats_file, {"active_experts": meter.state()})
+            if tap is not None:
+                _write_json(stats_file, {"active_experts": tap.state()})
             if bar is not None:
                 bar.update(len(idx))
     finally:
-        if meter is not None:
-            meter.__exit__(None, None, None)
+        if tap is not None:
+            tap.__exit__(None, None, None)
         if bar is not None:
             bar.close()
     state.wait_for_everyone()

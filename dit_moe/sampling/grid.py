@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import ExperimentConfig, SampleConfig
-from .experts import ActiveExpertMeter, has_routers, summarize_active
+from .experts import expert_tap
 from .loop import derive_seed, make_generators, sample_latents
 from .settings import SamplingError, resolve_settings
 
@@ -114,16 +114,15 @@ def _captions(bundle, labels: torch.Tensor) -> list[str]:
     return [short_name(names[c]) if c < len(names) else str(c) for c in labels.tolist()]
 
 
-def _draw(bundle, labels: torch.Tensor, settings: SampleConfig, meter=None) -> torch.Tensor:
+def _draw(bundle, labels: torch.Tensor, settings: SampleConfig) -> torch.Tensor:
     """uint8 images (N, 3, H, W) of ``labels``; sample i uses generator (seed, i), batches of settings.batch_size."""
     from ..data import to_uint8
 
     images = []
-    callback = (lambda i, t, x: meter.set_timestep(t)) if meter is not None else None
     for b in range(0, len(labels), settings.batch_size):
         idx = list(range(b, min(b + settings.batch_size, len(labels))))
         lat = sample_latents(bundle.model, labels[idx], make_generators(settings.seed, idx), settings, bundle.shape,
-                             device=bundle.device, callback=callback, objective=bundle.objective)
+                             device=bundle.device, objective=bundle.objective)
         images.append(to_uint8(bundle.decode(lat)).cpu())
     return torch.cat(images)
 
@@ -135,9 +134,9 @@ def sample_grid(bundle, settings: Optional[SampleConfig] = None, classes: Option
     settings = resolve_settings(settings or bundle.defaults, bundle.objective, bundle.shape[0])
     ids, labels = grid_labels(bundle, settings, classes)
     t0 = time.perf_counter()
-    meter = ActiveExpertMeter(bundle.model) if has_routers(bundle.model) else None
-    with (meter if meter is not None else contextlib.nullcontext()):
-        images = _draw(bundle, labels, settings, meter)
+    tap = expert_tap(bundle.model)
+    with (tap if tap is not None else contextlib.nullcontext()):
+        images = _draw(bundle, labels, settings)
     grid = make_grid(images, _captions(bundle, labels), ncol=ncol or settings.num_per_class)
     path = None
     if out is not None:
@@ -145,7 +144,7 @@ def sample_grid(bundle, settings: Optional[SampleConfig] = None, classes: Option
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
     return {"grid": grid, "path": str(path) if path else None, "classes": ids, "labels": labels.tolist(),
-            "settings": settings, "active_experts": summarize_active([meter.state()]) if meter else None,
+            "settings": settings, "active_experts": tap.report() if tap else None,
             "seconds": time.perf_counter() - t0}
 
 

@@ -45,6 +45,7 @@ def aggregate(study: StudyConfig, runs: list[dict], timing: Optional[dict] = Non
                           "num_experts": parse_name(mine[0]["model"]).num_experts,
                           "timing_sec_per_step": (timing or {}).get(arm.name),
                           "default_moe": mine[0]["default_moe"], "threshold": mine[0].get("threshold"),
+                          "balance_bias": mine[0].get("balance_bias", False), "ec_pool": mine[0].get("ec_pool"),
                           "description": arm.description, "overrides": arm.overrides, **stats}
     calib = study.output / CALIBRATION_FILE
     base = load_config(study.base_config, study.base_overrides)
@@ -72,7 +73,8 @@ def results_table(summary: dict) -> str:
             "per-token std train | experts sampling | per-token std sampling | s/step (study) | s/step (timing pass) |")
     lines = [head, "|" + "---|" * 11]
     for name, a in summary["arms"].items():
-        routing = a["routing"] + (" + Default MoE" if a["default_moe"] else "")
+        routing = a["routing"] + (f" ({a['ec_pool']} pool)" if a.get("ec_pool") else "") + \
+            (" + balance bias" if a.get("balance_bias") else "") + (" + Default MoE" if a["default_moe"] else "")
         if a.get("num_experts") == 1:
             routing = "dense (one always-on expert)"
         if a["routing"] == "topp" and a.get("threshold") is not None:

@@ -37,14 +37,15 @@ def _probe_inputs(cfg: ExperimentConfig, num_batches: int, batch_size: int, seed
 
 
 def probe_routing(model, inputs) -> dict:
-    """Activated experts per (token, layer) on fixed inputs (dit_moe.sampling.trace.probe_routing)."""
+    """Activated experts per (token, layer) on fixed inputs, read by a RoutingTap (dit_moe.sampling.trace)."""
     from ..sampling.trace import probe_routing as probe
 
     return probe(model, inputs)
 
 
 def calibrate_topp_threshold(model, inputs, target: float, iters: int = 30, tol: float = 1e-3) -> dict:
-    """The global Top-p threshold that activates ``target`` experts on ``inputs`` (dit_moe.sampling.trace)."""
+    """The global Top-p threshold that activates ``target`` experts on ``inputs``: the toolkit's one threshold
+    calibrator (dit_moe.models.calibration, through dit_moe.sampling.trace)."""
     from ..sampling.trace import calibrate_topp_threshold as calibrate
 
     try:
@@ -163,6 +164,8 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     result.update({
         "arm": arm.name, "seed": seed, "steps": cfg.train.steps, "run_dir": str(run_dir), "checkpoint": str(ckpt),
         "model": cfg.model.name, "routing": cfg.routing.type, "default_moe": cfg.routing.default_moe,
+        "balance_bias": cfg.routing.balance_bias,
+        "ec_pool": cfg.routing.ec_pool if cfg.routing.type == "expert_choice" else None,
         "threshold": threshold if threshold is not None else (cfg.routing.threshold if cfg.routing.type == "topp" else None),
         "fid": values.get("fid"), "classifier_accuracy": accuracy,
         "sample_active_mean": (info.get("active_experts") or {}).get("mean"),
@@ -172,6 +175,8 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         "probe_active_mean": probe["mean"] if probe else None,
         "probe_active_token_std": probe["std"] if probe else None,
         "probe_active_per_layer": probe["per_layer"] if probe else None,
+        "probe_active_per_bucket": probe["per_bucket"] if probe else None,
+        "probe_unrouted_frac": probe["unrouted_frac"] if probe else None,
         "timings": timings,
     })
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))

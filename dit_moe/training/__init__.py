@@ -65,19 +65,20 @@ record and over all ranks unless noted):
     aux/<name>        each named aux term (e.g. aux/lb, aux/entropy), summed over layers
     grad_norm         gradient norm before clipping, last step (when train.grad_clip is set)
     steps_per_sec, images_per_sec, seconds   throughput over the interval and wall time since start
-    active_experts    MoE: mean activated experts per token, averaged over MoE layers (last step)
-    active_experts_per_layer   MoE: the same per layer (list)
-    target_experts    DTop-p: the controller's target; Top-k: K
-    threshold         DTop-p: the controller's threshold (float for scope global, list for scope layer)
-    controller_integral, controller_error   DTop-p: PI controller state
-    expert_load       MoE: fraction of routed (token, expert) pairs per expert, per layer (list of lists)
-    load_max          MoE: max over layers and experts of load x num_experts (1 = perfectly balanced)
-    router_entropy    MoE: mean router entropy per token (nats)
+    Routing (MoE models; the names, definitions and reductions over layers are routing_tap.METRICS, listed in
+    docs/routing-metrics.md; values of the last step):
+    active_experts, active_experts_per_layer   mean routed experts per token (over layers; per layer)
+    active_experts_std   Top-p / DTop-p / expert choice: its spread over tokens (mean over layers)
+    target_experts    the DTop-p controller's target; Top-k: K; expert choice: K x capacity_factor
+    threshold, controller_integral, controller_error, threshold_saturated, saturated_steps   DTop-p controller
+    expert_load       fraction of routed (token, expert) pairs per expert, per layer (list of lists)
+    load_max          max over layers and experts of load x num_experts (1 = perfectly balanced)
+    router_entropy    mean router entropy per token (nats)
     cap_frac          Top-p / DTop-p: fraction of tokens that hit routing.k_max
+    unrouted_frac     expert choice: fraction of tokens no expert took (zero routed output)
     drn_scale         DTop-p: mean dynamic routing normalization scale
-    threshold_saturated  DTop-p: 1 / -1 if the last controller update wanted to pass p_max / p_min, else 0
-    saturated_steps   DTop-p: controller updates that hit a bound since the run (process) started
-    logit_std         MoE: mean over tokens of the router logits' spread, per layer (DTop-p divides by it)
+    balance_bias      routing.balance_bias: the per-expert selection bias, per layer (list of lists)
+    logit_std         mean over tokens of the router logits' spread, per layer (DTop-p divides by it)
     num_processes     world size (constant; recorded for the reader)
 
 TensorBoard receives the scalar entries (lists are logged element-wise as ``key/i``).

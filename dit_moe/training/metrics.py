@@ -193,7 +193,11 @@ def scalars_for_tracker(record: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 def routing_metrics(model: nn.Module) -> dict:
-    """metrics.jsonl entries describing routing (empty for a dense model); one host sync, call on log steps."""
+    """metrics.jsonl entries describing routing (empty for a dense model); one host sync, call on log steps.
+
+    Every entry is a ``routing_tap.METRICS`` metric under its ``log`` key and reduction over the MoE layers, plus
+    ``target_experts`` (what the routing aims at: the controller's target, K, or K x capacity_factor).
+    """
     if not model.arch.is_moe:
         return {}
     from ..models import moe
@@ -201,33 +205,35 @@ def routing_metrics(model: nn.Module) -> dict:
     stats = moe.routing_stats(model)
     if not stats:
         return {}
-    stats = {k: to_python(v) for k, v in stats.items()}
-    per_layer = stats["mean_active"]
-    E = model.arch.num_experts
-    out = {
-        "active_experts": float(np.mean(per_layer)),
-        "active_experts_per_layer": per_layer,
-        "expert_load": stats["load"],
-        "load_max": float(np.max(stats["load"]) * E),
-        "router_entropy": float(np.mean(stats["entropy"])),
-    }
     rtype = model.routing_config.type
-    if rtype in ("topp", "dtopp"):
-        out["cap_frac"] = float(np.mean(stats["cap_frac"]))
-    if rtype == "topk":
-        out["target_experts"] = float(model.arch.top_k)
+    out = {}
+    for name, metric in moe.METRICS.items():
+        if name not in stats or (metric.routers is not None and rtype not in metric.routers):
+            continue
+        value = to_python(stats[name])
+        for key, how in metric.log:
+            out[key] = _reduce(value, how, model.arch.num_experts)
     controller = getattr(model, "routing_controller", None)
     if controller is not None:
         out["target_experts"] = float(controller.target)
-        for src, dst in (("threshold", "threshold"), ("integral", "controller_integral"), ("error", "controller_error"),
-                         ("threshold_saturated", "threshold_saturated"), ("saturated_steps", "saturated_steps")):
-            v = stats[src]
-            out[dst] = v[0] if isinstance(v, list) and len(v) == 1 else v
-    if "drn_scale" in stats:
-        out["drn_scale"] = float(np.mean(stats["drn_scale"]))
-    if "logit_std" in stats:
-        out["logit_std"] = stats["logit_std"]          # per layer: the spread DRN divides by
+    elif rtype == "topk":
+        out["target_experts"] = float(model.arch.top_k)
+    elif rtype == "expert_choice":
+        out["target_experts"] = float(model.arch.top_k * model.routing_config.capacity_factor)
     return out
+
+
+def _reduce(value, how: str, num_experts: int):
+    """A per-layer statistic (list over MoE layers) -> what metrics.jsonl keeps (METRICS ``log`` reductions)."""
+    if how == "mean":
+        return float(np.mean(value))
+    if how == "max_share":                     # max over layers and experts of load x E (1 = balanced)
+        return float(np.max(value) * num_experts)
+    if how == "squeeze":                       # controller entries: a float for one threshold, else the list
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+    if how in ("layers", "as_is"):
+        return value
+    raise ValueError(f"unknown routing metric reduction {how!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

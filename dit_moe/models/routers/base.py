@@ -9,11 +9,16 @@ Two constructors build that list, and they differ in what they cost on a GPU:
     RouterOutput.from_mask(mask (N, E), ...)  M varies (threshold routers): M is read to the host once per call
                                               (the one synchronisation), then ``nonzero_static`` lists the pairs.
 
+    RouterOutput.from_expert_choice(tok (E, C))  M = E C is static (expert choice: each expert lists its C tokens,
+                                              already expert-major); no synchronisation either.
+
 Per-expert counts stay on the device (``counts``; the grouped matmul's offsets are their cumsum); ``sizes`` copies
-them to the host only when the CPU segment loop asks for them. An expert-choice router (each expert takes its top-C
-tokens, M = E C static) would add a third constructor from (E, C) token indices, already expert-major. A selection
-bias (aux-loss-free balancing) would be added to the scores inside ``route``/``select`` only; ``probs`` (combine
-weights, aux losses, Default MoE) stay the unbiased softmax.
+them to the host only when the CPU segment loop asks for them.
+
+Aux-loss-free balancing (DeepSeek-V3; ``balance_bias=True``): a per-expert bias b (E,) is added to the SELECTION
+scores only (``selection_scores``: Top-k ranks pi + b, the threshold routers sort by pi + b and accumulate the
+unbiased mass pi in that order); ``probs`` (combine weights, aux losses, Default MoE) stay the unbiased softmax.
+b is a persistent buffer moved once per optimizer step by ``update_balance_bias`` from all-reduced counts.
 
 Router math runs in fp32 with autocast disabled: the gate W (E, D) is an fp32 parameter and the tokens are cast up.
 """
@@ -41,6 +46,7 @@ class RouterOutput:
     aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # separate weighted aux terms, for logging
     capped: torch.Tensor | None = None     # (N,) bool: tokens whose selection the k_max cap shortened
     logits: torch.Tensor | None = None     # (N, E) fp32 raw router logits (before any normalisation)
+    samples: int = 1                       # the N tokens are ``samples`` consecutive runs of N / samples (images)
     _sizes: tuple[int, ...] | None = field(default=None, repr=False)
 
     @property
@@ -65,6 +71,26 @@ class RouterOutput:
         return cls(token_idx=order.div(k, rounding_mode="floor"), expert_idx=flat.index_select(0, order),
                    weight=weights.reshape(-1).index_select(0, order), probs=probs, mask=mask,
                    num_active=torch.full((N,), k, dtype=torch.long, device=idx.device), counts=mask.sum(0), **kw)
+
+    @classmethod
+    def from_expert_choice(cls, tok: torch.Tensor, probs: torch.Tensor, renormalize: bool = False,
+                           **kw) -> "RouterOutput":
+        """Pairs from expert choice: tok (E, C) long, row e the distinct tokens expert e takes, ascending. No host sync.
+
+        Weights are the raw probabilities pi[t, e] of the pairs (``renormalize``: divided by the token's selected
+        mass). A token no expert took has no pair: its routed output is zero.
+        """
+        E, C = tok.shape
+        N = probs.shape[0]
+        token_idx = tok.reshape(-1)
+        expert_idx = torch.arange(E, device=tok.device).unsqueeze(1).expand(E, C).reshape(-1)
+        flat_idx = token_idx * E + expert_idx
+        mask = torch.zeros(N * E, dtype=torch.bool, device=tok.device).index_fill_(0, flat_idx, True).view(N, E)
+        weight = probs.reshape(-1).index_select(0, flat_idx)
+        if renormalize:
+            weight = weight / (probs * mask).sum(1).index_select(0, token_idx)
+        return cls(token_idx=token_idx, expert_idx=expert_idx, weight=weight, probs=probs, mask=mask,
+                   num_active=mask.sum(1), counts=torch.full((E,), C, dtype=torch.long, device=tok.device), **kw)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor, **kw) -> "RouterOutput":
@@ -100,14 +126,21 @@ def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp(min=1e-20).log()).sum(1).mean()
 
 
-def top_p_mask(probs: torch.Tensor, threshold: torch.Tensor | float, k_max: int | None = None):
+def top_p_mask(probs: torch.Tensor, threshold: torch.Tensor | float, k_max: int | None = None,
+               scores: torch.Tensor | None = None):
     """Smallest prefix of the descending probabilities whose mass reaches ``threshold``.
 
     Expert of rank j is kept when the mass of the ranks before it is still below the threshold, so the first expert
     is always kept (its exclusive cumsum is 0) and the crossing expert is included. ``threshold`` may be a tensor
-    broadcastable to (N, 1). ``k_max`` caps the count. Returns (mask (N, E) bool, capped (N,) bool).
+    broadcastable to (N, 1). ``k_max`` caps the count. ``scores`` (N, E), when given, sets the order instead of the
+    probabilities (a balance bias), the mass accumulated along it is still that of ``probs``.
+    Returns (mask (N, E) bool, capped (N,) bool).
     """
-    sorted_probs, order = probs.sort(dim=1, descending=True)
+    if scores is None:
+        sorted_probs, order = probs.sort(dim=1, descending=True)
+    else:
+        order = scores.argsort(dim=1, descending=True)
+        sorted_probs = probs.gather(1, order)
     before = sorted_probs.cumsum(1) - sorted_probs                    # exclusive cumsum (N, E)
     keep = before < threshold
     keep[:, 0] = True          # also at p = 0 and for non-finite probabilities: never a token without an expert
@@ -122,14 +155,17 @@ def top_p_mask(probs: torch.Tensor, threshold: torch.Tensor | float, k_max: int 
 class Router(nn.Module):
     """Base class: the gate W (E, D) in fp32, combine weights and the shared aux losses.
 
-    Subclasses implement ``select(probs) -> (mask (N, E) bool, capped (N,) bool | None)``, and may override
-    ``route(probs) -> RouterOutput`` when they can list their pairs more cheaply than from a mask (Top-k does).
-    ``probs(logits)`` is the softmax unless overridden (DTop-p normalises first).
+    Subclasses implement ``select(probs, samples) -> (mask (N, E) bool, capped (N,) bool | None)``, and may override
+    ``route(probs, samples) -> RouterOutput`` when they can list their pairs more cheaply than from a mask (Top-k
+    and expert choice do). ``samples``: the N tokens are that many images of N / samples tokens (expert choice pools
+    per image). ``probs(logits)`` is the softmax unless overridden (DTop-p normalises first).
     Combine weights are the selected probabilities, renormalised over the selection when ``renormalize``.
+    ``balance_bias``: keep the aux-loss-free bias (buffer ``balance_bias`` (E,), moved by ``bias_rate`` per step).
     """
 
     def __init__(self, dim: int, num_experts: int, renormalize: bool = False, lb_coef: float = 0.0,
-                 entropy_coef: float = 0.0, lb_global: bool = False):
+                 entropy_coef: float = 0.0, lb_global: bool = False, balance_bias: bool = False,
+                 bias_rate: float = 1e-3):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -140,6 +176,11 @@ class Router(nn.Module):
         self.entropy_coef = entropy_coef
         self.lb_global = lb_global
         self.weight = nn.Parameter(torch.empty(num_experts, dim, dtype=torch.float32))
+        if balance_bias and not bias_rate > 0:
+            raise ValueError(f"routing.bias_rate={bias_rate} must be > 0")
+        self.bias_rate = bias_rate
+        # Persistent (checkpoints, EMA copies); absent (None) without balancing, so older checkpoints keep their keys.
+        self.register_buffer("balance_bias", torch.zeros(num_experts) if balance_bias else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -154,12 +195,26 @@ class Router(nn.Module):
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=1)
 
-    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def selection_scores(self, probs: torch.Tensor) -> torch.Tensor | None:
+        """(N, E) scores that order the experts for selection: pi + b with a balance bias, else None (pi itself)."""
+        return None if self.balance_bias is None else probs + self.balance_bias.to(probs.dtype)
+
+    @torch.no_grad()
+    def update_balance_bias(self, counts: torch.Tensor) -> None:
+        """b_i <- b_i + rate * sign(mean_j c_j - c_i) from this step's (token, expert) counts (E,), already summed
+        over micro-batches and ranks (so every rank applies the same step). Called by ``routing_step``; no-op
+        without a bias. All-zero counts (nothing routed) leave b unchanged (sign 0)."""
+        if self.balance_bias is None:
+            return
+        load = counts.to(self.balance_bias.dtype)
+        self.balance_bias.add_(self.bias_rate * torch.sign(load.mean() - load))
+
+    def select(self, probs: torch.Tensor, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
-    def route(self, probs: torch.Tensor) -> RouterOutput:
+    def route(self, probs: torch.Tensor, samples: int = 1) -> RouterOutput:
         """(N, E) probabilities -> RouterOutput (pairs, mask, counts): select, weight, list the pairs."""
-        mask, capped = self.select(probs)
+        mask, capped = self.select(probs, samples)
         weights = probs * mask
         if self.renormalize:
             weights = weights / weights.sum(1, keepdim=True)
@@ -178,13 +233,15 @@ class Router(nn.Module):
             terms["entropy"] = self.entropy_coef * mean_entropy(probs)
         return terms
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """(N, D) tokens -> RouterOutput with expert-sorted pairs; aux losses are computed in training only."""
+    def forward(self, x: torch.Tensor, samples: int = 1) -> RouterOutput:
+        """(N, D) tokens of ``samples`` images -> RouterOutput with expert-sorted pairs; aux losses in training only."""
+        if samples < 1 or x.shape[0] % samples:
+            raise ValueError(f"{x.shape[0]} tokens cannot be {samples} samples of equal length")
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.logits(x)
             probs = self.probs(logits)
-            out = self.route(probs)
-            out.logits = logits
+            out = self.route(probs, samples)
+            out.logits, out.samples = logits, samples
             out.aux_loss = probs.new_zeros(())
             if self.training:
                 out.aux_terms = self.aux_losses(probs, out.counts)

@@ -244,13 +244,15 @@ class DTopPRouter(Router):
     sharpest scale at which even a one-hot token reaches ceil(target) experts at a threshold whose odds are half
     those of p_max (E = 8, target 2, p_max 0.99: 1.93), so the threshold can always reach the target.
     Selection: the smallest prefix of sorted pi_t reaching the controller's threshold; weights renormalised over it.
+    A balance bias reorders that prefix (ranked by pi + b, mass of pi), as for fixed Top-p; the controller then
+    sets the threshold for the count the reordered prefixes give.
     The controller is referenced, not registered: the model owns it once (``model.routing_controller``).
     """
 
     def __init__(self, dim: int, num_experts: int, controller: ThresholdController, layer: int,
                  k_max: int | None = None, renormalize: bool = True, lb_coef: float = 1e-4, entropy_coef: float = 1e-3,
                  lb_global: bool = False, log_scale_max: float = 3.0, scale_max: float | None = None,
-                 eps: float = 1e-2):
+                 eps: float = 1e-2, balance_bias: bool = False, bias_rate: float = 1e-3):
         if k_max is not None and not 1 <= k_max <= num_experts:
             raise ValueError(f"k_max={k_max} must be in [1, num_experts={num_experts}]")
         if controller.num_experts != num_experts:
@@ -260,7 +262,7 @@ class DTopPRouter(Router):
         if not scale_max > math.exp(-log_scale_max):
             raise ValueError(f"DRN scale bound {scale_max} must exceed exp(-drn_log_scale_max) = "
                              f"{math.exp(-log_scale_max):.3g}")
-        super().__init__(dim, num_experts, renormalize, lb_coef, entropy_coef, lb_global)
+        super().__init__(dim, num_experts, renormalize, lb_coef, entropy_coef, lb_global, balance_bias, bias_rate)
         self.layer_index = layer                 # position among the MoE layers
         self.slot = controller.slot(layer)
         self.k_max = k_max
@@ -293,9 +295,9 @@ class DTopPRouter(Router):
         std, mean = torch.std_mean(logits, dim=1, correction=0, keepdim=True)
         return (self.scale() * (logits - mean) / std.clamp(min=self.eps)).softmax(dim=1)
 
-    def select(self, probs: torch.Tensor):
+    def select(self, probs: torch.Tensor, samples: int = 1):
         # Read the buffer at call time: after model.to(...) or deepcopy it is the moved / copied tensor.
-        return top_p_mask(probs, self.controller.threshold[self.slot], self.k_max)
+        return top_p_mask(probs, self.controller.threshold[self.slot], self.k_max, self.selection_scores(probs))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, slot={self.slot}, k_max={self.k_max}, "
