@@ -127,6 +127,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         timings["probe_s"] = round(time.time() - t0, 1)
 
     t0 = time.time()
+    sampler, steps = ev.sampler_for(cfg.diffusion.objective)      # the checkpoint's sample section says the same
     samples_dir = run_dir / "study_samples"
     several = state is not None and state.num_processes > 1
     # Several processes: each samples on its own device (Accelerate's); one process: the study's device.
@@ -135,7 +136,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
                                      classifier_accuracy=ev.classifier_accuracy)
     try:
         bundle = inference.load(ckpt, weights="ema", device=state.device if several else device)
-        settings = dataclasses.replace(bundle.defaults, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
+        settings = dataclasses.replace(bundle.defaults, sampler=sampler, steps=steps, cfg_scale=ev.cfg_scale,
                                        seed=ev.seed, batch_size=ev.batch_size)
         info = sampling.generate(bundle, samples_dir, settings, num_samples=ev.num_samples, state=state,
                                  progress=False, evaluation=evaluation)
@@ -152,8 +153,8 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     t0 = time.time()
     analysis = None
     try:
-        report = analyze.analyze_checkpoint(ckpt, num_per_class=ev.analysis_per_class, sampler=ev.sampler,
-                                            num_steps=ev.steps, cfg_scale=ev.cfg_scale, seed=ev.seed, device=device)
+        report = analyze.analyze_checkpoint(ckpt, num_per_class=ev.analysis_per_class, sampler=sampler,
+                                            num_steps=steps, cfg_scale=ev.cfg_scale, seed=ev.seed, device=device)
         analysis = report["active_experts"]
     except analyze.AnalysisError:
         analysis = None          # a dense model: nothing to analyse
@@ -163,7 +164,10 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     result = summarize_run(run_dir, ev)
     result.update({
         "arm": arm.name, "seed": seed, "steps": cfg.train.steps, "run_dir": str(run_dir), "checkpoint": str(ckpt),
-        "model": cfg.model.name, "routing": cfg.routing.type, "default_moe": cfg.routing.default_moe,
+        "model": cfg.model.name, "objective": cfg.diffusion.objective, "sampler": sampler, "sampler_steps": steps,
+        "routing": cfg.routing.type, "default_moe": cfg.routing.default_moe,
+        "default_mode": cfg.routing.default_mode if cfg.routing.default_moe else None,
+        "lb_coef": cfg.routing.lb_coef,
         "balance_bias": cfg.routing.balance_bias,
         "ec_pool": cfg.routing.ec_pool if cfg.routing.type == "expert_choice" else None,
         "threshold": threshold if threshold is not None else (cfg.routing.threshold if cfg.routing.type == "topp" else None),
