@@ -279,14 +279,17 @@ def arm_objective(study: StudyConfig, arm: ArmSpec) -> str:
     """The training objective of ``arm`` (base config + base overrides + arm overrides), read before validation:
     the sampler written into its sample section depends on it, and validation checks the two together."""
     d = {}
-    if study.base_config is not None:
-        d = yaml.safe_load(Path(study.base_config).read_text()) or {}
     try:
+        if study.base_config is not None:
+            d = yaml.safe_load(Path(study.base_config).read_text()) or {}
         d = apply_overrides(d if isinstance(d, dict) else {}, [*study.base_overrides, *arm.overrides])
+    except yaml.YAMLError as e:
+        raise StudyError(f"{study.path}: base.config {study.base_config}: not valid YAML: {e}") from None
     except ConfigError as e:
         raise StudyError(f"{study.path}: arm {arm.name!r}: {e}") from None
-    objective = (d.get("diffusion") or {}).get("objective", DiffusionConfig().objective)
-    return str(objective)     # an invalid name fails in arm_config's validation, naming diffusion.objective
+    section = d.get("diffusion")
+    objective = section.get("objective", DiffusionConfig().objective) if isinstance(section, dict) else "ddpm"
+    return str(objective)     # an invalid value fails in arm_config's validation, naming diffusion.objective
 
 
 def arm_config(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[float] = None) -> ExperimentConfig:

@@ -108,25 +108,27 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         return done
     ev = study.evaluation
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    timings = {}
+    timings = {}        # wall seconds per stage, and this process's CPU seconds (the cost on a shared machine)
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     train(cfg, resume="latest")
     timings["train_s"] = round(time.time() - t0, 1)
+    timings["train_cpu_s"] = round(time.process_time() - c0, 1)
     ckpt = _final_checkpoint(run_dir, cfg.train.steps)
     if ckpt is None:
         raise StudyError(f"{run_dir}: training returned without a final checkpoint step-{cfg.train.steps:07d}")
 
     probe = None
     if is_main:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         model = inference.load(ckpt, weights="model", device=device).model
         if model.arch.is_moe:
             probe = probe_routing(model, _probe_inputs(cfg, ev.probe_batches, ev.probe_batch_size))
         del model
         timings["probe_s"] = round(time.time() - t0, 1)
+        timings["probe_cpu_s"] = round(time.process_time() - c0, 1)
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     sampler, steps = ev.sampler_for(cfg.diffusion.objective)      # the checkpoint's sample section says the same
     samples_dir = run_dir / "study_samples"
     several = state is not None and state.num_processes > 1
@@ -144,13 +146,14 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         raise StudyError(f"{run_dir}: sampling / FID failed: {e}") from e
     del bundle
     timings["sample_fid_s"] = round(time.time() - t0, 1)
+    timings["sample_fid_cpu_s"] = round(time.process_time() - c0, 1)
     barrier()
     if not is_main:
         return {}
     values = info["metrics"]
     accuracy = info["classifier_accuracy"]
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     analysis = None
     try:
         report = analyze.analyze_checkpoint(ckpt, num_per_class=ev.analysis_per_class, sampler=sampler,
@@ -160,6 +163,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         analysis = None          # a dense model: nothing to analyse
     analyze.plot_training_curves(run_dir)
     timings["analysis_s"] = round(time.time() - t0, 1)
+    timings["analysis_cpu_s"] = round(time.process_time() - c0, 1)
 
     result = summarize_run(run_dir, ev)
     result.update({
