@@ -166,7 +166,8 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     arms = list(summary["arms"])
-    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+    cmap, n_colors = (plt.cm.tab10, 10) if len(arms) <= 10 else (plt.cm.tab20, 20)     # v2 has 13 arms
+    colors = {a: cmap(i % n_colors) for i, a in enumerate(arms)}
 
     def curves_of(arm: str, key: str):
         return [(c["step"], c[key]) for name, c in summary["curves"].items() if name.rsplit("-s", 1)[0] == arm]
