@@ -40,14 +40,16 @@ def test_sign_test_by_hand():
     # Accuracy (higher is better): 4 seeds up, 1 down, 1 tie -> ties dropped, p = 2 P(X <= 1 | 5, 1/2) = 12/32.
     st = study.sign_test([0.1, 0.2, 0.05, 0.3, -0.1, 0.0], "higher")
     assert st == {"better": 4, "worse": 1, "ties": 1, "p": pytest.approx(0.375)}
+    assert paired.better_text(st, 6) == "4/6 seeds, 1 tie"
     assert study.sign_test([0.0, 0.0], "lower")["p"] == 1.0
 
 
 def test_one_seed_has_no_interval():
     st = study.paired_stats([0.5], 0.95, better="lower")
     assert st["mean"] == 0.5 and st["ci"] is None and not st["resolved"]
-    assert "not resolved at 1 seed (a paired interval needs 2 seeds or more)" in paired.statement(
-        "a", "b", "fid", st, 0.95)
+    assert paired.statement("a", "b", "fid", st, 0.95) == (
+        "a vs b, FID: +0.50 at 1 seed, better on 0/1 seed (sign test p = 1.00): not resolved at 1 seed "
+        "(a paired interval needs 2 seeds or more).")
 
 
 def _runs():

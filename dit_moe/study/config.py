@@ -91,7 +91,7 @@ class InteractionSpec:
 class ComparisonSpec:
     """Paired comparisons in the report (dit_moe/study/paired.py): every arm against a baseline arm of the same seed
     (same init seed, data order and training noise, same sampling noise), with a paired t interval and a sign test."""
-    baseline: Optional[str] = None        # arm every other arm is paired with (an arm's own `baseline` wins); None: none
+    baseline: Optional[str] = None        # arm the others are paired with (an arm's own `baseline` wins); None: none
     confidence: float = 0.95              # two-sided level of the paired t interval
     interactions: Optional[list[InteractionSpec]] = None
 

@@ -23,7 +23,7 @@ import math
 from typing import Optional, Sequence
 
 __all__ = ["PAIRED_METRICS", "t_quantile", "sign_test", "paired_stats", "compare_arms", "interaction", "interval_text",
-           "statement", "interaction_statement"]
+           "better_text", "statement", "interaction_statement"]
 
 # metric -> (label, better, display scale, digits)
 PAIRED_METRICS = {
@@ -133,22 +133,31 @@ def _fmt(x: Optional[float], scale: float, digits: int, sign: bool = True) -> st
 
 
 def interval_text(st: dict, scale: float, digits: int, confidence: float) -> str:
-    """``+1.23 [-0.40, +2.86]`` (or ``+1.23, no interval at 1 seed``)."""
+    """``+1.23 [-0.40, +2.86]`` (or ``+1.23 (no interval at 1 seed)``)."""
     if st["ci"] is None:
         return f"{_fmt(st['mean'], scale, digits)} (no interval at {st['n']} seed)"
     lo, hi = st["ci"]
     return f"{_fmt(st['mean'], scale, digits)} [{_fmt(lo, scale, digits)}, {_fmt(hi, scale, digits)}]"
 
 
+def better_text(sign: dict, n: int) -> str:
+    """``2/3 seeds`` (``, 1 tie`` when some seed ties)."""
+    ties = f", {sign['ties']} tie{'s' * (sign['ties'] != 1)}" if sign["ties"] else ""
+    return f"{sign['better']}/{n} seed{'s' * (n != 1)}{ties}"
+
+
 def statement(arm: str, base: str, key: str, st: dict, confidence: float) -> str:
     """One plain sentence: the difference, its interval, the sign count and whether it is resolved."""
     label, better, scale, digits = PAIRED_METRICS[key]
     n = st["n"]
-    text = (f"{arm} vs {base}, {label}: {interval_text(st, scale, digits, confidence)} "
-            f"({confidence:.0%} paired t, {n} seed{'s' * (n != 1)})")
+    if st["ci"] is None:
+        text = f"{arm} vs {base}, {label}: {_fmt(st['mean'], scale, digits)} at {n} seed{'s' * (n != 1)}"
+    else:
+        text = (f"{arm} vs {base}, {label}: {interval_text(st, scale, digits, confidence)} "
+                f"({confidence:.0%} paired t, {n} seeds)")
     sign = st.get("sign")
     if sign:
-        text += f", better on {sign['better']}/{n} seeds (sign test p = {sign['p']:.2f})"
+        text += f", better on {better_text(sign, n)} (sign test p = {sign['p']:.2f})"
     if st["resolved"]:
         worse = (st["mean"] > 0) == (better == "lower")
         return text + f": resolved at {n} seeds, {arm} is {'worse' if worse else 'better'} than {base}."

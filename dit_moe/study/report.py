@@ -13,7 +13,8 @@ import numpy as np
 
 from ..config import load_config
 from .config import CALIBRATION_FILE, StudyConfig
-from .paired import PAIRED_METRICS, compare_arms, interaction, interaction_statement, interval_text, statement
+from .paired import (PAIRED_METRICS, better_text, compare_arms, interaction, interaction_statement, interval_text,
+                     statement)
 
 __all__ = ["STAT_KEYS", "aggregate", "results_table", "paired_tables", "plot_study", "write_report"]
 
@@ -130,7 +131,7 @@ def paired_tables(summary: dict) -> str:
             sign = st["sign"]
             verdict = f"resolved at {st['n']} seeds" if st["resolved"] else "not resolved"
             out.append(f"| {arm} | {p['baseline']} | {diffs} | {interval_text(st, scale, digits, conf)} | "
-                       f"{sign['better']}/{st['n']} | {sign['p']:.2f} | {verdict} |")
+                       f"{better_text(sign, st['n'])} | {sign['p']:.2f} | {verdict} |")
     out += ["", "Statements:", ""]
     for arm, p in paired.items():
         for key in ("fid", "classifier_accuracy"):
