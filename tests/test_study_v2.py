@@ -89,3 +89,7 @@ def test_v2_smoke_run_and_resume(tmp_path):
     again = study.run_study(spec, only_arms=SMOKE_ARMS, plots_dir=tmp_path / "plots")
     assert all(r.get("skipped") for r in again["runs"]) and log.read_text() == before
     assert again["paired"]["dense"]["metrics"]["fid"]["diffs"] == fid["diffs"]
+    # A later sitting with other evaluation settings does not mix them into the table: it names the difference.
+    spec.evaluation = dataclasses.replace(spec.evaluation, num_samples=10)
+    with pytest.raises(study.StudyError, match="evaluated with other settings .*num_samples: 20 then, 10 now"):
+        study.run_study(spec, only_arms=SMOKE_ARMS)

@@ -67,7 +67,7 @@ def aggregate(study: StudyConfig, runs: list[dict], timing: Optional[dict] = Non
         "comparison": {"confidence": cmp.confidence, "rule": "resolved = the paired t interval excludes 0"},
         "paired": compare_arms(runs, pairs, cmp.confidence),
         "interactions": [i for i in interactions if i is not None],
-        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
+        "runs": [{k: v for k, v in r.items() if k not in ("curve", "evaluation")} for r in runs],
         "curves": {f"{r['arm']}-s{r['seed']}": r["curve"] for r in runs},
     }
 

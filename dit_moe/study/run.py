@@ -78,8 +78,16 @@ def _prepare_reference(study: StudyConfig) -> Path:
     return ref
 
 
-def _load_result(run_dir: Path, steps: int) -> Optional[dict]:
-    """The run's study_result.json when the run is finished (final checkpoint + result), else None."""
+def _evaluation_record(ev: EvalSpec) -> dict:
+    """The evaluation settings a run's numbers depend on (the timing pass is separate)."""
+    return {k: v for k, v in dataclasses.asdict(ev).items() if k != "timing_steps"}
+
+
+def _load_result(run_dir: Path, steps: int, ev: EvalSpec) -> Optional[dict]:
+    """The run's study_result.json when the run is finished (final checkpoint + result), else None.
+
+    A study over several sittings must not mix evaluations: a finished run evaluated with other settings than the
+    study's now is an error naming the settings (results from before the record existed are taken as they are)."""
     f = run_dir / RESULT_FILE
     if not f.is_file() or _final_checkpoint(run_dir, steps) is None:
         return None
@@ -87,7 +95,14 @@ def _load_result(run_dir: Path, steps: int) -> Optional[dict]:
         result = json.loads(f.read_text())
     except json.JSONDecodeError:
         return None
-    return result if result.get("steps") == steps else None
+    if result.get("steps") != steps:
+        return None
+    saved, now = result.get("evaluation"), _evaluation_record(ev)
+    if saved is not None and saved != now:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in now if saved.get(k) != now.get(k))
+        raise StudyError(f"{f}: this finished run was evaluated with other settings ({diff}); use another --output, "
+                         f"or delete {f.name} to evaluate it again")
+    return result
 
 
 def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[float] = None, state=None,
@@ -102,7 +117,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     barrier = (lambda: state.wait_for_everyone()) if state is not None else (lambda: None)
     cfg = arm_config(study, arm, seed, threshold)
     run_dir = run_dir_of(cfg)
-    done = _load_result(run_dir, cfg.train.steps)
+    done = _load_result(run_dir, cfg.train.steps, study.evaluation)
     if done is not None:
         done["skipped"] = True
         return done
@@ -186,6 +201,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         "probe_active_per_bucket": probe["per_bucket"] if probe else None,
         "probe_unrouted_frac": probe["unrouted_frac"] if probe else None,
         "timings": timings,
+        "evaluation": _evaluation_record(ev),
     })
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
     return result
@@ -344,7 +360,7 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
     def _is_done(arm: ArmSpec, seed: int, threshold) -> bool:
         from ..training import run_dir_of
         cfg = arm_config(study, arm, seed, threshold)
-        return _load_result(run_dir_of(cfg), cfg.train.steps) is not None
+        return _load_result(run_dir_of(cfg), cfg.train.steps, study.evaluation) is not None
 
     if jobs <= 1:
         for arm, seed in tasks:
