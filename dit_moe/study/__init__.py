@@ -14,7 +14,8 @@ settings and an output folder. Every (arm, seed) is an ordinary training run in 
    ``samples.json`` gives the activated experts per token during sampling (both CFG halves);
 4. ``dit_moe.analyze``: routing plots of the final checkpoint on its sampling trajectory (whose per-token standard
    deviation the table reports) and the training curves;
-5. ``study_result.json`` in the run folder. A run with its final checkpoint and this file is skipped on re-run.
+5. ``study_result.json`` in the run folder. A run with its final checkpoint and this file is skipped on re-run
+   (one evaluated with other evaluation settings than the study's is an error naming them).
 
 Arms may take a calibrated fixed Top-p threshold (``calibrate: {from: ARM, target: 2.0}``): once the first seed of
 ARM has finished, its final raw weights are loaded, and the global top-p threshold of every router is bisected so
