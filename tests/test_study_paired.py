@@ -113,6 +113,8 @@ arms:
     assert "| dense | topk | s0: +30.50 / s1: +29.50 / s2: +31.00 |" in text
     table = study.results_table(summary)
     assert "| topk-flow | topk; flow |" in table
+    files = study.plot_study(summary, tmp_path / "plots")
+    assert (tmp_path / "plots" / "paired.png") in files and (tmp_path / "plots" / "paired.png").stat().st_size > 0
 
 
 def test_comparison_config_errors_name_the_key(tmp_path):

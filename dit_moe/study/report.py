@@ -159,7 +159,8 @@ def _smooth_mean(curves: list[tuple[list, list]]):
 
 
 def plot_study(summary: dict, out_dir: Path) -> list[Path]:
-    """loss_curves.png, active_experts.png, fid.png, sampling_experts.png (means over seeds, bands = ±1 std)."""
+    """loss_curves.png, active_experts.png, fid.png, sampling_experts.png (means over seeds, bands = ±1 std) and,
+    with a baseline, paired.png (per-seed differences against it with the paired interval)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,6 +263,32 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
         files.append(out_dir / "sampling_experts.png")
         fig.savefig(files[-1], dpi=120)
     plt.close(fig)
+
+    paired = summary.get("paired") or {}
+    if paired:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(paired) + 1.6))
+        for ax, key in zip(axes, ("fid", "classifier_accuracy")):
+            label, better, scale, _ = PAIRED_METRICS[key]
+            names = [a for a in paired if key in paired[a]["metrics"]]
+            for y, arm in enumerate(names):
+                st = paired[arm]["metrics"][key]
+                if st["ci"] is not None:
+                    lo, hi = st["ci"]
+                    ax.plot([lo * scale, hi * scale], [y, y], color=colors.get(arm, "k"), lw=2.5, alpha=0.5)
+                ax.scatter([d * scale for d in st["diffs"]], [y] * st["n"], color="k", s=10, zorder=3)
+                ax.scatter([st["mean"] * scale], [y], color=colors.get(arm, "k"), marker="|", s=200, zorder=4)
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_yticks(range(len(names)), [f"{a} - {paired[a]['baseline']}" for a in names], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{label} difference ({better} is better)")
+            ax.grid(alpha=0.3, axis="x")
+        conf = summary.get("comparison", {}).get("confidence", 0.95)
+        fig.suptitle(f"Paired by seed against the baseline: dots = seeds, bar = mean, band = {conf:.0%} t interval",
+                     fontsize=9)
+        fig.tight_layout()
+        files.append(out_dir / "paired.png")
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
     return files
 
 
