@@ -103,6 +103,7 @@ arms:
     assert inter["metrics"]["fid"]["first_gap"]["diffs"] == pytest.approx([2.0, -1.0, 5.0])
     assert change["diffs"] == pytest.approx([-4.8, -2.1, -7.9])
     assert inter["metrics"]["fid"]["second_gap"]["resolved"]
+    assert "final_loss" not in inter["metrics"]          # a DDPM loss gap and a flow loss gap: different units
 
     text = study.paired_tables(summary)
     assert "dense vs topk, FID: +30.33" in text and "resolved at 3 seeds, dense is worse than topk." in text

@@ -107,12 +107,16 @@ def compare_arms(runs: list[dict], pairs: dict, confidence: float = 0.95) -> dic
 def interaction(runs: list[dict], name: str, first: Sequence[str], second: Sequence[str],
                 confidence: float = 0.95) -> Optional[dict]:
     """Per metric: the gap first[0] - first[1], the gap second[0] - second[1], and the per-seed change of the gap
-    (second gap - first gap) with its paired interval. None when an arm has no runs."""
-    have = {r.get("arm") for r in runs}
-    if not set(first) | set(second) <= have:
+    (second gap - first gap) with its paired interval. None when an arm has no runs. The final loss only when all
+    four arms share one objective (a DDPM loss gap and a flow loss gap are in different units)."""
+    objective = {r.get("arm"): r.get("objective", "ddpm") for r in runs}
+    if not set(first) | set(second) <= set(objective):
         return None
+    one_objective = len({objective[a] for a in (*first, *second)}) == 1
     out = {"name": name, "first": list(first), "second": list(second), "metrics": {}}
     for key, (_, better, _, _) in PAIRED_METRICS.items():
+        if key == "final_loss" and not one_objective:
+            continue
         vals = [_per_seed(runs, arm, key) for arm in (*first, *second)]
         seeds = sorted(set.intersection(*[set(v) for v in vals]))
         if not seeds:
