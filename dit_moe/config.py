@@ -103,6 +103,9 @@ class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 128
     grad_accum: int = 1
+    # ddp: every rank holds the whole model, grads and AdamW states (Accelerate's DDP); fsdp: FSDP2 shards them and
+    # the EMA over the ranks, one unit per DiT block (dit_moe/training/fsdp.py; README, Memory per strategy)
+    strategy: str = "ddp"
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -200,6 +203,7 @@ CHOICES = {
     "data.source": ("builtin", "latents"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.strategy": ("ddp", "fsdp"),
     "train.tracker": ("tensorboard", "wandb", None),
     "sample.sampler": ALL_SAMPLERS + (None,),
     "diffusion.objective": tuple(SAMPLERS),
@@ -529,6 +533,8 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
             bad(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 + (f"num_processes ({num_processes}) x " if num_processes else "")
                 + f"train.grad_accum ({t.grad_accum}) = {denom}")
+    if t.strategy == "fsdp" and t.mixed_precision == "fp16":
+        bad("train.strategy=fsdp with train.mixed_precision=fp16: the sharded path has no gradient scaler; use bf16")
     check("train.lr", t.lr > 0, "must be > 0")
     check("train.weight_decay", t.weight_decay >= 0, "must be >= 0")
     if "train.betas" not in nonfinite and not all(0.0 <= b < 1.0 for b in t.betas):
