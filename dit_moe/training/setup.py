@@ -170,8 +170,9 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path):
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         # Router statistics live in buffers that differ per rank until routing_step all-reduces them;
         # DDP's buffer broadcast would overwrite them with rank 0's. Router state is kept identical by
-        # routing_step instead (checked by replicas.json / the 2-process test).
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        # routing_step instead (checked by replicas.json / the 2-process test). Gradients as views into DDP's
+        # all-reduce buckets: without, DDP keeps a second fp32 copy of every gradient (dit_moe/memory.py).
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)],
     )
 
 
@@ -285,7 +286,7 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
         sharding.shard(ema)
     elif t.strategy == "fsdp":
         logger.info("train.strategy=fsdp on one process: nothing to shard, the model trains unsharded")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(model.parameters(), t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(t))
     raw_model = model
     state = TrainState(steps_per_epoch=data.steps_per_epoch, global_batch_size=t.global_batch_size,
@@ -303,6 +304,18 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
         from ..models import moe
     all_reduce = (lambda x: accelerator.reduce(x, "sum")) if world > 1 else None
     return Parts(model, raw_model, ema, optimizer, scheduler, state, moe, all_reduce, sharding)
+
+
+def build_optimizer(params, t) -> torch.optim.Optimizer:
+    """The run's AdamW (TrainConfig ``t``); benchmarks/cpu_step.py times the same one.
+
+    Fused (one kernel over all parameters) on CPU and CUDA: on the CPU the default per-parameter loop costs ~4x as
+    much, which is felt by MoE models, whose (mostly inactive) experts triple the parameters of the dense model of
+    equal FLOPs. It rounds differently from the loop in the last bit (tests/test_training.py bounds the gap).
+    """
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused or None)
 
 
 def seed_everything(seed: int) -> None:
