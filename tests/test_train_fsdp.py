@@ -117,7 +117,7 @@ def test_fsdp_writes_the_ddp_files_and_ddp_resumes_under_fsdp(fsdp_run, tmp_path
     assert all(d[k].shape == f[k].shape and d[k].dtype == f[k].dtype for k in d)
     # Same data, seeds and initial weights: the runs differ only in how gradients are reduced over the ranks.
     worst = max((d[k].double() - f[k].double()).abs().max().item() for k in d if d[k].is_floating_point())
-    assert worst < 1e-4, f"fsdp and ddp weights differ by {worst} after 3 steps"
+    assert worst < 1e-6, f"fsdp and ddp weights differ by {worst} after 3 steps"   # measured: 1.5e-8
     assert json.loads((ddp / "replicas.json").read_text())["sharded"] is False
 
     cut_back(ddp, tmp_path / "ddp_to_fsdp", 3)
@@ -125,4 +125,4 @@ def test_fsdp_writes_the_ddp_files_and_ddp_resumes_under_fsdp(fsdp_run, tmp_path
     a, _ = tensors(ckpt(cont, 6))
     b, _ = tensors(ckpt(fsdp_run, 6))
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
-    assert worst < 1e-3, f"a ddp checkpoint continued under fsdp strays {worst} from the fsdp run"
+    assert worst < 1e-6, f"a ddp checkpoint continued under fsdp strays {worst} from the fsdp run"   # 7.9e-8

@@ -155,13 +155,13 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path):
     import importlib.util
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 
     t = cfg.train
     if t.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.tracker=wandb but the wandb package is not installed (pip install wandb), "
                           "or use train.tracker=tensorboard")
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
@@ -174,6 +174,10 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path):
         # all-reduce buckets: without, DDP keeps a second fp32 copy of every gradient (dit_moe/memory.py).
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)],
     )
+    if accelerator.distributed_type == DistributedType.FSDP:   # its plugin would wrap the model its own way
+        raise ConfigError("the Accelerate launch config selects Accelerate's FSDP plugin; launch with a plain "
+                          "multi-GPU config and set train.strategy=fsdp (the toolkit shards the model itself)")
+    return accelerator
 
 
 @dataclasses.dataclass
