@@ -8,8 +8,10 @@ One step is what ``dit_moe.training.loop`` does per optimizer step: the DDPM hyb
   moe      DiT-S/2-E8K2, Top-k: 8 experts of width 4D, 2 per token (2 x 4D = 8D of MLP per token)
   dense    DiT-S/2 whose MLPs have width 8D: the same matmul FLOPs per token (the router adds D x E)
   e1k1     with --e1k1: DiT-S/2-E1K1 with one expert of width 8D, through the MoE dispatch (the GPU check's arm)
-The machine may be shared, so arms run interleaved, one step each per round, after one warm-up step each; the
-reported ratio is the median over rounds of moe / dense within the round (and each arm's median step time).
+The machine may be shared, so arms run interleaved, one step each per round, after one warm-up step each, and each
+step is timed twice: CPU time of this process (what the step computes: with one thread, time spent waiting for a
+core shared with other jobs is left out) and wall time. The reported ratio (``ratio_moe_vs_dense``) is the median
+over rounds of moe / dense CPU time within the round; the wall-time one is printed beside it.
 ``--profile N`` profiles one step of each arm instead (torch.profiler, self CPU time per op) and prints the N ops
 where the MoE step spends the most time beyond the dense one.
 The last line printed is one JSON object.
@@ -74,10 +76,11 @@ class Arm:
         update_ema(self.ema, self.model, ema_decay_at(self.steps, 0.9999, False))
 
 
-def timed(arm: Arm) -> float:
-    t0 = time.perf_counter()
+def timed(arm: Arm) -> tuple[float, float]:
+    """(CPU ms of this process, wall ms) of one step."""
+    c0, t0 = time.process_time(), time.perf_counter()
     arm.step()
-    return (time.perf_counter() - t0) * 1e3
+    return (time.process_time() - c0) * 1e3, (time.perf_counter() - t0) * 1e3
 
 
 def profile(arms: dict, top: int) -> None:
@@ -116,27 +119,32 @@ def main() -> None:
     if args.profile:
         profile(arms, args.profile)
         return
-    times = {n: [] for n in names}
+    cpu, wall = {n: [] for n in names}, {n: [] for n in names}
     for r in range(args.rounds):
         order = names if r % 2 == 0 else names[::-1]     # alternate who goes first
         for n in order:
-            times[n].append(timed(arms[n]))
-    ratio = lambda n: [a / b for a, b in zip(times[n], times["dense"])]
+            c, w = timed(arms[n])
+            cpu[n].append(c)
+            wall[n].append(w)
+    ratios = lambda times, n: [a / b for a, b in zip(times[n], times["dense"])]
+    med = lambda xs: statistics.median(xs)
     params = {n: sum(p.numel() for p in a.model.parameters()) for n, a in arms.items()}
     print(f"full training step, batch {args.batch} x 256 tokens, fp32, {args.threads} thread(s), {args.rounds} rounds, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print("| arm | parameters | median ms | min ms | x dense (median of per-round ratios) |")
-    print("|---|---|---|---|---|")
+    print("| arm | parameters | CPU ms (median) | wall ms (median) | x dense, CPU time | x dense, wall time |")
+    print("|---|---|---|---|---|---|")
     for n in names:
-        r = "1.00" if n == "dense" else f"{statistics.median(ratio(n)):.3f}"
-        print(f"| {n} | {params[n] / 1e6:.1f}M | {statistics.median(times[n]):.0f} | {min(times[n]):.0f} | {r} |")
+        rc = "1.00" if n == "dense" else f"{med(ratios(cpu, n)):.3f}"
+        rw = "1.00" if n == "dense" else f"{med(ratios(wall, n)):.3f}"
+        print(f"| {n} | {params[n] / 1e6:.1f}M | {med(cpu[n]):.0f} | {med(wall[n]):.0f} | {rc} | {rw} |")
     out = {"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
            "load_avg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-           "ms": {n: round(statistics.median(times[n]), 1) for n in names},
-           "ratio_moe_vs_dense": round(statistics.median(ratio("moe")), 4),
-           "ratios_per_round": [round(x, 4) for x in ratio("moe")]}
+           "cpu_ms": {n: round(med(cpu[n]), 1) for n in names}, "wall_ms": {n: round(med(wall[n]), 1) for n in names},
+           "ratio_moe_vs_dense": round(med(ratios(cpu, "moe")), 4),
+           "ratio_moe_vs_dense_wall": round(med(ratios(wall, "moe")), 4),
+           "cpu_ratios_per_round": [round(x, 4) for x in ratios(cpu, "moe")]}
     if args.e1k1:
-        out["ratio_e1k1_vs_dense"] = round(statistics.median(ratio("e1k1")), 4)
+        out["ratio_e1k1_vs_dense"] = round(med(ratios(cpu, "e1k1")), 4)
     print(json.dumps(out))
 
 

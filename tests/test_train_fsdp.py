@@ -94,6 +94,8 @@ def test_fsdp_run_keeps_router_state_identical_and_shards(fsdp_run):
     assert [r["step"] for r in records] == [3, 6] and all(r["num_processes"] == 2 for r in records)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert (fsdp_run / "samples" / "step-0000006.png").is_file()      # the gathered EMA sampled on rank 0
+    # Stacked experts shard on dim 0: each of the 2 ranks holds 4 whole experts of the 8.
+    assert "stacked experts (8, 128, 512) -> (4, 128, 512) on this rank" in (fsdp_run / "log.txt").read_text()
 
 
 def test_fsdp_resume_is_exact(fsdp_run, tmp_path):

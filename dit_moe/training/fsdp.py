@@ -68,6 +68,17 @@ class Sharding:
         fully_shard(model, mesh=self.mesh)      # the root: None lets FSDP keep it gathered between fwd and bwd
         return model
 
+    def describe(self, model: nn.Module) -> str:
+        """One log line: units, this rank's share of the parameters, what a stacked expert weight became."""
+        total = sum(p.numel() for p in model.parameters())
+        mine = sum(local(p).numel() for p in model.parameters())
+        line = (f"fsdp: {len(model.blocks) + 1} units sharded over {self.accelerator.num_processes} ranks; rank "
+                f"{self.accelerator.process_index} holds {mine / 1e6:.2f}M of {total / 1e6:.2f}M parameters")
+        experts = next((p for n, p in model.named_parameters() if n.endswith("experts.w_in")), None)
+        if experts is not None:
+            line += f"; stacked experts {tuple(experts.shape)} -> {tuple(local(experts).shape)} on this rank"
+        return line
+
     def with_autocast(self, model: nn.Module) -> nn.Module:
         """Accelerate's mixed precision for an unprepared model: autocast around forward, outputs cast to fp32."""
         if self.accelerator.mixed_precision == "no":

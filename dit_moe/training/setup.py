@@ -288,6 +288,7 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
         sharding = Sharding(accelerator)
         model = sharding.shard(model.to(device))   # before the optimizer: it must see the sharded parameters
         sharding.shard(ema)
+        logger.info(sharding.describe(model))
     elif t.strategy == "fsdp":
         logger.info("train.strategy=fsdp on one process: nothing to shard, the model trains unsharded")
     optimizer = build_optimizer(model.parameters(), t)
