@@ -172,7 +172,7 @@ class Sharding:
         save_custom_state(parts.state, str(out_dir), 1)
 
     def load_state(self, parts, data, in_dir: Path) -> None:
-        """Inverse of ``save_state`` (also reads a ddp run's folder): every rank reads the full files, keeps its shard."""
+        """Inverse of ``save_state`` (reads a ddp run's folder too): every rank reads the full files, keeps its shard."""
         from accelerate.checkpointing import load_accelerator_state, load_custom_state
         from accelerate.utils import load
         from safetensors.torch import load_file

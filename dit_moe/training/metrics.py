@@ -267,11 +267,13 @@ def check_replicas(accelerator, parts, run_dir: Path) -> None:
     everyone = gather_object([mine])
     if accelerator.is_main_process:
         skip = ("rank", "model", "ema") if sharded else ("rank",)
-        same = lambda d: {k: v for k, v in d.items() if k not in skip} == {k: v for k, v in mine.items() if k not in skip}
+        compared = lambda d: {k: v for k, v in d.items() if k not in skip}
+        same = lambda d: compared(d) == compared(mine)
         in_sync = all(same(d) for d in everyone)
         (Path(run_dir) / "replicas.json").write_text(json.dumps(
             {"num_processes": world, "sharded": sharded, "in_sync": in_sync, "ranks": everyone}, indent=2))
         if in_sync:
-            logger.info(f"all {world} ranks hold identical {'router buffers' if sharded else 'model, EMA and router buffers'}")
+            what = "router buffers" if sharded else "model, EMA and router buffers"
+            logger.info(f"all {world} ranks hold identical {what}")
         else:
             logger.error(f"ranks DIVERGED (model/EMA/router buffers differ): see {Path(run_dir) / 'replicas.json'}")

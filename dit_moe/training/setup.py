@@ -316,7 +316,7 @@ def build_optimizer(params, t) -> torch.optim.Optimizer:
 
     Fused (one kernel over all parameters) on CPU and CUDA: on the CPU the default per-parameter loop costs ~4x as
     much, which is felt by MoE models, whose (mostly inactive) experts triple the parameters of the dense model of
-    equal FLOPs. It rounds differently from the loop in the last bit (tests/test_training.py bounds the gap).
+    equal FLOPs. It rounds differently from the loop in the last bit (tests/test_step_numerics.py bounds the gap).
     """
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
