@@ -6,6 +6,7 @@ One fsdp run of 6 steps (checkpoints at 3 and 6) is shared by the tests:
   with the fsdp run's to fp32 round-off (only the order of the gradient reductions differs);
 * the ddp checkpoint resumes under fsdp (the formats are one);
 * router buffers (DTop-p controller, Default MoE vectors, statistics) are identical on both ranks (replicas.json).
+Gradient checkpointing is on throughout; a short bf16 (autocast) fsdp run checks mixed precision.
 """
 import json
 import os
@@ -30,6 +31,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 EXPERIMENT = ["model.name=DiT-T/2-E8K2", "model.input_size=8", "model.in_channels=1", "model.num_classes=10",
+              "model.grad_checkpointing=true",                   # blocks recompute inside their FSDP units
               "routing.type=dtopp", "routing.target=2", "routing.default_moe=true", "train.tracker=null",
               "train.global_batch_size=32", "train.grad_accum=2", "train.steps=6", "train.log_every=3",
               "train.ckpt_every=3", "train.keep_last=3", "train.lr=1e-3", "sample.steps=2", "sample.num_per_class=1"]
@@ -41,14 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(root, run_name, strategy, resume="new"):
+def launch(root, run_name, strategy, resume="new", extra=()):
     script = root / "run.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(script), resume, *EXPERIMENT,
-           f"train.run_dir={root}", f"train.run_name={run_name}", f"train.strategy={strategy}"]
+           f"train.run_dir={root}", f"train.run_name={run_name}", f"train.strategy={strategy}", *extra]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return root / run_name
@@ -128,3 +130,11 @@ def test_fsdp_writes_the_ddp_files_and_ddp_resumes_under_fsdp(fsdp_run, tmp_path
     b, _ = tensors(ckpt(fsdp_run, 6))
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
     assert worst < 1e-6, f"a ddp checkpoint continued under fsdp strays {worst} from the fsdp run"   # 7.9e-8
+
+
+def test_fsdp_trains_in_bf16(tmp_path):
+    run = launch(tmp_path, "bf16", "fsdp", extra=("train.mixed_precision=bf16", "train.steps=2", "train.log_every=2"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and torch.isfinite(torch.tensor(records[-1]["loss"]))
+    assert json.loads((run / "replicas.json").read_text())["in_sync"] is True
+    assert "precision bf16" in (run / "log.txt").read_text()
