@@ -138,3 +138,13 @@ def test_fsdp_trains_in_bf16(tmp_path):
     assert records[-1]["step"] == 2 and torch.isfinite(torch.tensor(records[-1]["loss"]))
     assert json.loads((run / "replicas.json").read_text())["in_sync"] is True
     assert "precision bf16" in (run / "log.txt").read_text()
+
+
+def test_strategy_is_validated():
+    from dit_moe.config import ConfigError, load_config
+
+    assert load_config(None, ["train.strategy=fsdp"]).train.strategy == "fsdp"
+    with pytest.raises(ConfigError, match=r"train.strategy: 'zero3' is not one of \('ddp', 'fsdp'\)"):
+        load_config(None, ["train.strategy=zero3"])
+    with pytest.raises(ConfigError, match="train.strategy=fsdp with train.mixed_precision=fp16"):
+        load_config(None, ["train.strategy=fsdp", "train.mixed_precision=fp16"])
