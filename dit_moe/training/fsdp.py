@@ -27,14 +27,12 @@ refused by the config check.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-logger = logging.getLogger("dit_moe.train")
 
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
