@@ -33,6 +33,8 @@ assets: demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_dispatch.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/cpu_step.py
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -102,6 +102,9 @@ class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 128
     grad_accum: int = 1
+    # ddp: every rank holds the whole model, grads and AdamW states (Accelerate's DDP); fsdp: FSDP2 shards them and
+    # the EMA over the ranks, one unit per DiT block (dit_moe/training/fsdp.py; README, Memory per strategy)
+    strategy: str = "ddp"
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -199,6 +202,7 @@ CHOICES = {
     "data.source": ("builtin", "latents"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.strategy": ("ddp", "fsdp"),
     "train.tracker": ("tensorboard", "wandb", None),
     "sample.sampler": ALL_SAMPLERS + (None,),
     "diffusion.objective": tuple(SAMPLERS),

@@ -169,6 +169,8 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
             bad(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 + (f"num_processes ({num_processes}) x " if num_processes else "")
                 + f"train.grad_accum ({t.grad_accum}) = {denom}")
+    if t.strategy == "fsdp" and t.mixed_precision == "fp16":
+        bad("train.strategy=fsdp with train.mixed_precision=fp16: the sharded path has no gradient scaler; use bf16")
     check("train.lr", t.lr > 0, "must be > 0")
     check("train.weight_decay", t.weight_decay >= 0, "must be >= 0")
     if "train.betas" not in nonfinite and not all(0.0 <= b < 1.0 for b in t.betas):

@@ -132,20 +132,31 @@ def _act_forward_backward(kind: str, h: torch.Tensor, grad: torch.Tensor | None 
     return torch.cat([grad * up * (sig * (1 + gate * (1 - sig))), grad * silu], dim=-1)
 
 
+def _activation_into(kind: str, h: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = activation(h)`` written in place: the same numbers as ``_act_forward_backward(kind, h)``."""
+    if kind == "gelu":
+        torch.ops.aten.gelu.out(h, approximate="tanh", out=out)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        torch.mul(F.silu(gate), up, out=out)
+
+
 class _SegmentMLP(torch.autograd.Function):
     """All E expert MLPs on their contiguous segments of (M, D) expert-sorted tokens, as one autograd node.
 
     Autograd through per-expert slices of the stacked weights (w_in[e]) would build a full-size zero gradient of
     the whole stack for every expert and sum E of them, and concatenating the segment outputs would copy them
     once more. Here the forward writes each segment straight into one (M, .) buffer and the backward writes each
-    expert's weight gradient into its slice of one gradient tensor. Saved: the input and the pre-activations; the
-    activation is recomputed per segment in the backward (one elementwise pass instead of an (M, H) buffer).
+    expert's weight gradient into its slice of one gradient tensor. Saved: the input, the pre-activations and the
+    activations (M, H), as a dense MLP's autograd saves them: recomputing the activation in the backward cost more
+    time (benchmarks/cpu_step.py) than the buffer costs memory.
     """
 
     @staticmethod
     def forward(ctx, x, sizes, kind, w_in, b_in, w_out, b_out):
         M, D = x.shape
         h = x.new_empty(M, w_in.shape[2])
+        a = x.new_empty(M, w_out.shape[1])
         y = x.new_empty(M, w_out.shape[2])
         start = 0
         for e, n in enumerate(sizes):
@@ -153,35 +164,39 @@ class _SegmentMLP(torch.autograd.Function):
                 s = slice(start, start + n)
                 if b_in is None:
                     torch.mm(x[s], w_in[e], out=h[s])
-                    torch.mm(_act_forward_backward(kind, h[s]), w_out[e], out=y[s])
+                    _activation_into(kind, h[s], a[s])
+                    torch.mm(a[s], w_out[e], out=y[s])
                 else:
                     torch.addmm(b_in[e], x[s], w_in[e], out=h[s])
-                    torch.addmm(b_out[e], _act_forward_backward(kind, h[s]), w_out[e], out=y[s])
+                    _activation_into(kind, h[s], a[s])
+                    torch.addmm(b_out[e], a[s], w_out[e], out=y[s])
             start += n
         ctx.sizes, ctx.kind, ctx.has_bias = sizes, kind, b_in is not None
-        ctx.save_for_backward(x, h, w_in, w_out)
+        ctx.save_for_backward(x, h, a, w_in, w_out)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, h, w_in, w_out = ctx.saved_tensors
+        x, h, a, w_in, w_out = ctx.saved_tensors
         need_x, _, _, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad
         gy = gy.contiguous()
         gx = torch.empty_like(x) if need_x else None
-        # Experts without tokens keep a zero gradient slice (DDP then sees every parameter used).
-        alloc = torch.zeros_like if 0 in ctx.sizes else torch.empty_like
-        g_w_in = alloc(w_in) if need_w_in else None
-        g_w_out = alloc(w_out) if need_w_out else None
-        g_b_in = x.new_zeros(w_in.shape[0], w_in.shape[2]) if ctx.has_bias and need_b_in else None
-        g_b_out = x.new_zeros(w_out.shape[0], w_out.shape[2]) if ctx.has_bias and need_b_out else None
+        g_w_in = torch.empty_like(w_in) if need_w_in else None
+        g_w_out = torch.empty_like(w_out) if need_w_out else None
+        g_b_in = x.new_empty(w_in.shape[0], w_in.shape[2]) if ctx.has_bias and need_b_in else None
+        g_b_out = x.new_empty(w_out.shape[0], w_out.shape[2]) if ctx.has_bias and need_b_out else None
         start = 0
         for e, n in enumerate(ctx.sizes):
-            if n:
+            if not n:       # an expert without tokens: a zero gradient slice (DDP then sees every parameter used)
+                for g in (g_w_in, g_w_out, g_b_in, g_b_out):
+                    if g is not None:
+                        g[e].zero_()
+            else:
                 s = slice(start, start + n)
                 he, ge = h[s], gy[s]
                 if g_w_out is not None:
-                    torch.mm(_act_forward_backward(ctx.kind, he).t(), ge, out=g_w_out[e])
+                    torch.mm(a[s].t(), ge, out=g_w_out[e])
                 if g_b_out is not None:
                     torch.sum(ge, 0, out=g_b_out[e])
                 gh = _act_forward_backward(ctx.kind, he, ge @ w_out[e].t())

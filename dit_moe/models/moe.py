@@ -149,7 +149,10 @@ class MoEMLP(nn.Module):
         """This layer's statistics (METRICS names) from the last ``routing_step`` (tensors; zeros before the first)."""
         stats = stats_from_sums(self.routing_last, self.num_experts)
         if isinstance(self.router, DTopPRouter):
-            stats["drn_scale"] = self.router.scale().detach()
+            scale = self.router.scale().detach()
+            if hasattr(scale, "full_tensor"):      # FSDP2 shards the parameter (as (1,)): every rank gathers it
+                scale = scale.full_tensor().reshape(())
+            stats["drn_scale"] = scale
         if self.router.balance_bias is not None:
             stats["balance_bias"] = self.router.balance_bias.detach().clone()
         return stats

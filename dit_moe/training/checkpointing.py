@@ -164,8 +164,9 @@ def sweep(run_dir: Path) -> None:
 class Checkpointer:
     """Writes the run's checkpoints (every rank calls ``save``); ``last`` is the newest one on disk."""
 
-    def __init__(self, run, cfg, parts, data_info, accelerator, last: Optional[Path]):
-        self.run, self.cfg, self.parts, self.info, self.accelerator = run, cfg, parts, data_info, accelerator
+    def __init__(self, run, cfg, parts, data, accelerator, last: Optional[Path]):
+        self.run, self.cfg, self.parts, self.data, self.accelerator = run, cfg, parts, data, accelerator
+        self.info = data.info
         self.root = run.dir / "checkpoints"
         self.last = last
 
@@ -183,14 +184,19 @@ class Checkpointer:
         on_main(acc, self.run.verify)              # never write into a folder another process has taken
         acc.wait_for_everyone()
         failure = None
+        sharding = self.parts.sharding
+        gathered = sharding.gather(self.parts) if sharding is not None else None   # fsdp: full states on rank 0
         try:
-            acc.save_state(str(staging))           # every rank writes its RNG state here
+            if sharding is None:
+                acc.save_state(str(staging))       # every rank writes its RNG state here
+            else:
+                sharding.save_state(gathered, self.parts, self.data, staging)   # the same files
         except (OSError, RuntimeError) as e:       # disk full: torch.save raises RuntimeError, safetensors OSError
             failure = e
         if any_rank(acc, failure is not None):
             on_main(acc, shutil.rmtree, staging, True)
             raise self._failed(final, failure or "another rank failed to write its state")
-        on_main(acc, self._publish, final, staging, reason)
+        on_main(acc, self._publish, final, staging, reason, gathered)
         on_main(acc, self._rotate, state.step)
         acc.wait_for_everyone()
         self.last = final
@@ -202,10 +208,12 @@ class Checkpointer:
         return CheckpointError(f"could not write checkpoint {final}: {error}; {before}. Free disk space, then "
                                "continue with --resume latest")
 
-    def _publish(self, final: Path, staging: Path, reason: str) -> None:
+    def _publish(self, final: Path, staging: Path, reason: str, gathered=None) -> None:
         state = self.parts.state
+        model, ema = ((self.parts.raw_model, self.parts.ema) if gathered is None
+                      else (gathered.weights("model"), gathered.weights("ema")))
         try:
-            save_checkpoint(final, self.parts.raw_model, self.parts.ema, step=state.step, experiment=self.cfg,
+            save_checkpoint(final, model, ema, step=state.step, experiment=self.cfg,
                             data_info=self.info.to_dict(),
                             meta={"reason": reason, "epoch": state.epoch, "num_processes": state.num_processes},
                             write_extra=lambda tmp: os.replace(staging, tmp / ACCELERATE_DIR))

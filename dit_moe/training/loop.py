@@ -61,7 +61,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
             accelerator.init_trackers(t.tracker, config=flat_config(cfg))
 
         batches = micro_batches(data, state, accelerator, t.grad_accum)
-        ckpts = Checkpointer(run, cfg, parts, data.info, accelerator, last=resume_from)
+        ckpts = Checkpointer(run, cfg, parts, data, accelerator, last=resume_from)
         meter = RunningMeans(accelerator, run.dir, data, ckpts, start_step=state.step)
         progress = tqdm(total=t.steps, initial=state.step, desc=run.dir.name, disable=not accelerator.is_main_process,
                         dynamic_ncols=True, mininterval=2.0)
@@ -145,7 +145,8 @@ def train_step(parts: Parts, objective, batches: Iterator, meter: RunningMeans, 
                         meter.add(f"aux/{k}", v / grad_accum)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and grad_clip is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+                    clip = accelerator if parts.sharding is None else parts.sharding   # fsdp: sharded gradients
+                    grad_norm = clip.clip_grad_norm_(model.parameters(), grad_clip)
                 parts.optimizer.step()
                 parts.optimizer.zero_grad(set_to_none=True)
             meter.add("loss", loss / grad_accum)
@@ -169,10 +170,11 @@ def sample_grid(cfg: ExperimentConfig, parts: Parts, info, run_dir: Path, accele
 
     The one place training draws samples; dit_moe.sampling.training_grid goes through the inference path.
     """
+    ema = parts.ema if parts.sharding is None else parts.sharding.plain_ema(parts, cfg)   # fsdp: gathered
     if accelerator.is_main_process:
         from ..sampling import training_grid
 
-        r = training_grid(parts.ema, cfg, info, accelerator.device,
+        r = training_grid(ema, cfg, info, accelerator.device,
                           run_dir / "samples" / f"step-{parts.state.step:07d}.png")
         s = r["settings"]
         logger.info(f"EMA samples ({s.sampler}, {s.steps} steps, cfg {s.cfg_scale}): {r['path']} "

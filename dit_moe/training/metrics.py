@@ -257,16 +257,23 @@ def check_replicas(accelerator, parts, run_dir: Path) -> None:
     if world == 1:
         return
     raw, ema = parts.raw_model, parts.ema
-    mine = {"rank": accelerator.process_index, "model": digest(sorted(raw.state_dict().items())),
-            "ema": digest(sorted(ema.state_dict().items())), "buffers": digest(raw.named_buffers()),
+    # fsdp: parameters are sharded, each rank's shard is its own (digested, not compared); router state lives in
+    # buffers, which every rank holds whole and must agree on.
+    sharded = parts.sharding is not None
+    shard = lambda sd: sorted((k, v.to_local() if hasattr(v, "to_local") else v) for k, v in sd.items())
+    mine = {"rank": accelerator.process_index, "model": digest(shard(raw.state_dict())),
+            "ema": digest(shard(ema.state_dict())), "buffers": digest(raw.named_buffers()),
             "step": parts.state.step}
     everyone = gather_object([mine])
     if accelerator.is_main_process:
-        same = lambda d: {k: v for k, v in d.items() if k != "rank"} == {k: v for k, v in mine.items() if k != "rank"}
+        skip = ("rank", "model", "ema") if sharded else ("rank",)
+        compared = lambda d: {k: v for k, v in d.items() if k not in skip}
+        same = lambda d: compared(d) == compared(mine)
         in_sync = all(same(d) for d in everyone)
         (Path(run_dir) / "replicas.json").write_text(json.dumps(
-            {"num_processes": world, "in_sync": in_sync, "ranks": everyone}, indent=2))
+            {"num_processes": world, "sharded": sharded, "in_sync": in_sync, "ranks": everyone}, indent=2))
         if in_sync:
-            logger.info(f"all {world} ranks hold identical model, EMA and router buffers")
+            what = "router buffers" if sharded else "model, EMA and router buffers"
+            logger.info(f"all {world} ranks hold identical {what}")
         else:
             logger.error(f"ranks DIVERGED (model/EMA/router buffers differ): see {Path(run_dir) / 'replicas.json'}")

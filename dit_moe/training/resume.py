@@ -139,7 +139,10 @@ def restore(cfg: ExperimentConfig, parts, data, accelerator, path: Path) -> None
     if saved is not None:
         check_compatible(saved, cfg, path)
     try:
-        accelerator.load_state(str(path / ACCELERATE_DIR))
+        if parts.sharding is None:
+            accelerator.load_state(str(path / ACCELERATE_DIR))
+        else:                                  # fsdp: the same files, each rank keeps its shard
+            parts.sharding.load_state(parts, data, path / ACCELERATE_DIR)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path / ACCELERATE_DIR}: cannot be loaded ({type(e).__name__}: {e})") from e
     state, world = parts.state, accelerator.num_processes

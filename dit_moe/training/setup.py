@@ -87,13 +87,18 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     Buffers carry router state (DTop-p threshold and integral, Default-MoE vectors, statistics), which must
     follow the trained model exactly, not be averaged.
     """
-    ema_params = [p for p in ema.parameters()]
-    params = [p.detach() for p in model.parameters()]
+    # Under fsdp both are sharded alike: the update is shard by shard, on each rank's local part.
+    ema_params = [_local(p) for p in ema.parameters()]
+    params = [_local(p.detach()) for p in model.parameters()]
     if len(ema_params) != len(params):
         raise RuntimeError(f"update_ema: EMA has {len(ema_params)} parameters, model {len(params)}")
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     for eb, b in zip(ema.buffers(), model.buffers()):
         eb.copy_(b)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t      # a DTensor's shard on this rank
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -150,13 +155,13 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path):
     import importlib.util
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 
     t = cfg.train
     if t.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.tracker=wandb but the wandb package is not installed (pip install wandb), "
                           "or use train.tracker=tensorboard")
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
@@ -165,9 +170,14 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path):
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         # Router statistics live in buffers that differ per rank until routing_step all-reduces them;
         # DDP's buffer broadcast would overwrite them with rank 0's. Router state is kept identical by
-        # routing_step instead (checked by replicas.json / the 2-process test).
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        # routing_step instead (checked by replicas.json / the 2-process test). Gradients as views into DDP's
+        # all-reduce buckets: without, DDP keeps a second fp32 copy of every gradient (dit_moe/memory.py).
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)],
     )
+    if accelerator.distributed_type == DistributedType.FSDP:   # its plugin would wrap the model its own way
+        raise ConfigError("the Accelerate launch config selects Accelerate's FSDP plugin; launch with a plain "
+                          "multi-GPU config and set train.strategy=fsdp (the toolkit shards the model itself)")
+    return accelerator
 
 
 @dataclasses.dataclass
@@ -233,7 +243,7 @@ def micro_batches(data: Data, state: TrainState, accelerator, grad_accum: int) -
 @dataclasses.dataclass
 class Parts:
     """What one optimizer step touches. ``model`` is the prepared (maybe DDP-wrapped) module, ``raw_model`` the
-    module itself (routing and the EMA read it directly)."""
+    module itself (routing and the EMA read it directly); under fsdp both are the same sharded module."""
     model: nn.Module
     raw_model: nn.Module
     ema: nn.Module
@@ -242,6 +252,7 @@ class Parts:
     state: TrainState
     moe: Optional[Any]            # dit_moe.models.moe for MoE models, else None
     all_reduce: Optional[Any]     # sum over ranks for router state, None on one process
+    sharding: Optional[Any] = None   # train.strategy=fsdp on several processes: the fsdp.Sharding, else None
 
 
 def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optional[str] = None) -> Parts:
@@ -270,20 +281,46 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
     model.train()
     seed_everything(t.seed * world + rank)   # per-rank stream for noise, timesteps, label dropout (DiT's rule)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    sharding = None
+    if t.strategy == "fsdp" and world > 1:   # one process has nothing to shard: it trains as ddp does
+        from .fsdp import Sharding
+
+        sharding = Sharding(accelerator)
+        model = sharding.shard(model.to(device))   # before the optimizer: it must see the sharded parameters
+        sharding.shard(ema)
+        logger.info(sharding.describe(model))
+    elif t.strategy == "fsdp":
+        logger.info("train.strategy=fsdp on one process: nothing to shard, the model trains unsharded")
+    optimizer = build_optimizer(model.parameters(), t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(t))
     raw_model = model
-    model, optimizer, data.loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
     state = TrainState(steps_per_epoch=data.steps_per_epoch, global_batch_size=t.global_batch_size,
                        num_processes=world)
-    # Registration order names the files (custom_checkpoint_0: EMA, _1: train state); keep it.
-    accelerator.register_for_checkpointing(ema)
-    accelerator.register_for_checkpointing(state)
+    if sharding is None:
+        model, optimizer, data.loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
+        # Registration order names the files (custom_checkpoint_0: EMA, _1: train state); keep it.
+        accelerator.register_for_checkpointing(ema)
+        accelerator.register_for_checkpointing(state)
+    else:                                    # the model must not be DDP-wrapped; fsdp.py writes the same files
+        optimizer, data.loader, scheduler = accelerator.prepare(optimizer, data.loader, scheduler)
+        model = sharding.with_autocast(model)
     moe = None
     if raw_model.arch.is_moe:
         from ..models import moe
     all_reduce = (lambda x: accelerator.reduce(x, "sum")) if world > 1 else None
-    return Parts(model, raw_model, ema, optimizer, scheduler, state, moe, all_reduce)
+    return Parts(model, raw_model, ema, optimizer, scheduler, state, moe, all_reduce, sharding)
+
+
+def build_optimizer(params, t) -> torch.optim.Optimizer:
+    """The run's AdamW (TrainConfig ``t``); benchmarks/cpu_step.py times the same one.
+
+    Fused (one kernel over all parameters) on CPU and CUDA: on the CPU the default per-parameter loop costs ~4x as
+    much, which is felt by MoE models, whose (mostly inactive) experts triple the parameters of the dense model of
+    equal FLOPs. It rounds differently from the loop in the last bit (tests/test_step_numerics.py bounds the gap).
+    """
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused or None)
 
 
 def seed_everything(seed: int) -> None:
