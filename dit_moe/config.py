@@ -119,6 +119,9 @@ class TrainConfig:
     sample_every: int = 0            # 0: only at the end
     tracker: Optional[str] = "tensorboard"   # tensorboard | wandb | None
     init_from: Optional[str] = None  # a fresh run (new optimizer, step 0) from this checkpoint's weights (not --resume)
+    # torch.compile every DiT block (the MoE dispatch stays eager; dit_moe/models/compile.py). Off by default: on
+    # small CPU models the compile time is never won back and steps are not faster (docs/performance.md).
+    compile: bool = False
 
 
 # Samplers of each objective (dit_moe/sampling/solvers.py) and their default number of steps. The first one listed is
@@ -147,6 +150,7 @@ class SampleConfig:
     num_per_class: int = 8
     seed: int = 0
     batch_size: int = 64
+    compile: bool = False                     # torch.compile the blocks for sampling (same samples up to float rounding)
 
 
 @dataclass
@@ -249,6 +253,8 @@ def sample_problems(s: SampleConfig, objective: Optional[str], in_channels: Opti
             problems.append(f"{name(key)}: {key}={getattr(s, key)} must be >= 1")
     if s.seed < 0:
         problems.append(f"{name('seed')}: seed={s.seed} must be >= 0")
+    if s.compile and compile_problem():
+        problems.append(f"{name('compile')}: {compile_problem()}")
     return problems
 
 
@@ -542,6 +548,8 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
     check("train.ckpt_every", t.ckpt_every >= 1, "must be >= 1")
     check("train.keep_last", t.keep_last >= 1, "must be >= 1")
     check("train.sample_every", t.sample_every >= 0, "must be >= 0 (0: only at the end)")
+    if t.compile and compile_problem():
+        bad(f"train.compile=true: {compile_problem()}")
 
     # ----- diffusion and sample
     g = cfg.diffusion
@@ -561,6 +569,21 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
     if problems:
         raise ConfigError(f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}): "
                           + "; ".join(problems))
+
+
+def compile_problem() -> Optional[str]:
+    """Why torch.compile cannot run here (None if it can): inductor needs a C++ compiler for CPU code. Checked
+    before any work, so a missing compiler is one line, not a traceback at the first step."""
+    import os
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if not any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++"))):
+        return "torch.compile on the CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX); none found"
+    return None
 
 
 def _value(cfg: ExperimentConfig, key: str):

@@ -270,6 +270,9 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
     model.train()
     seed_everything(t.seed * world + rank)   # per-rank stream for noise, timesteps, label dropout (DiT's rule)
 
+    if t.compile:                            # in place: parameter names, state dicts and checkpoints unchanged
+        from ..models.compile import compile_blocks
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(t))
     raw_model = model
