@@ -236,8 +236,9 @@ def test_every_router_at_most_one_sync_per_moe_layer(case, record):
 
 
 def test_layer_attribution_sees_the_segment_loop_syncs(record, monkeypatch):
-    """The bound is not vacuous: the CPU segment loop reads the sizes (one more host copy per layer) and fails it."""
+    """The bound is not vacuous: the CPU segment loop reads the sizes to the host (counts.tolist()) and exceeds it."""
     monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", False)
     model = _tiny_dit(RoutingConfig(type="topp"), depth=2)
     per_layer, outside = LayerSyncs(record, model).count(_dit_step, model)
-    assert outside == [] and [len(per_layer[i]) for i in range(2)] == [2, 2], per_layer
+    assert outside == [] and all(len(per_layer[i]) > 1 and "Tensor.tolist" in per_layer[i] for i in range(2)), \
+        per_layer
