@@ -51,26 +51,35 @@ def graph_breaks(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Te
 
     Runs ``torch._dynamo.explain`` on each block with the activations the eager model gives it (no compiled code
     is produced or kept). Returns one dict per block kind: ``block`` (the index of its first block), ``kind``
-    (its MLP class), ``graphs``, ``breaks``, ``reasons`` (one line each). ``explain`` resets dynamo's caches
-    before and after: call it before a compiled run, not during one (the blocks would compile again).
+    (its MLP class), ``graphs``, ``breaks``, ``reasons`` (one line each). The model's buffers (routing sums) are
+    restored afterwards. ``explain`` resets dynamo's caches before and after: call it before a compiled run, not
+    during one (the blocks would compile again).
     """
     inputs = {}
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, tuple(v.detach() for v in a)))
              for i, b in enumerate(model.blocks)]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}     # training forwards accumulate routing sums
     try:
         with torch.no_grad():
             model(x, t, y)
+            out = _explain_blocks(model, inputs)
     finally:
         for h in hooks:
             h.remove()
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+    return out
+
+
+def _explain_blocks(model: nn.Module, inputs: dict) -> list[dict]:
     seen, out = set(), []
     for i, block in enumerate(model.blocks):
         kind = type(block.mlp).__name__
         if kind in seen:
             continue
         seen.add(kind)
-        forward = getattr(block, "_orig_forward", None) or block.forward
-        report = torch._dynamo.explain(forward)(*inputs[i])
+        report = torch._dynamo.explain(block.forward)(*inputs[i])      # the uncompiled forward, traced afresh
         reasons = [str(getattr(r, "reason", r)).strip().splitlines()[0] for r in report.break_reasons]
         out.append({"block": i, "kind": kind, "graphs": report.graph_count, "breaks": report.graph_break_count,
                     "reasons": reasons})
