@@ -139,7 +139,8 @@ def train_arm(arm: dict, compiled: bool, args, clock: Clock) -> dict:
     mc = ModelConfig(name=arm["name"], input_size=S, in_channels=C, num_classes=1000, **arm["model"])
     cfg = ExperimentConfig(model=mc, routing=arm["routing"] or RoutingConfig())
     torch.manual_seed(0)
-    model = build_model(cfg).to(device).train()
+    with device:                                     # initialised where it runs: XL-E8K2 has 2.5B parameters
+        model = build_model(cfg).train()
     if compiled:
         compile_blocks(model, backend=args.compile_backend)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -215,7 +216,8 @@ def train_section(args, clock: Clock, rows: list, errors: list) -> None:
                 gc.collect()
                 if clock.device.type == "cuda":
                     torch.cuda.empty_cache()
-        torch._dynamo.reset()
+                if compiled:        # the next arm's blocks start a fresh dynamo cache (inductor's disk cache stays)
+                    torch._dynamo.reset()
 
 
 def ratios(rows: list, tiny: bool) -> dict:
@@ -254,7 +256,8 @@ def sampling_section(args, clock: Clock, rows: list, errors: list) -> None:
     S = 8 if args.tiny else 32
     cfg = ExperimentConfig(model=ModelConfig(name=name, input_size=S, in_channels=4, num_classes=1000))
     torch.manual_seed(0)
-    model = build_model(cfg).to(clock.device).eval()
+    with clock.device:
+        model = build_model(cfg).eval()
     objective = build_objective(cfg, learn_sigma=True)
     labels = torch.arange(args.sample_batch) % 1000
     for sampler, n in steps.items():

@@ -115,12 +115,12 @@ def test_graph_breaks_are_the_disabled_moe_dispatch_only():
 def test_compile_flag_is_validated_and_sampling_flag_exists(tmp_path, monkeypatch):
     import argparse
 
-    import dit_moe.config as config_mod
+    import dit_moe.validation as validation_mod
     from dit_moe.sampling.flags import add_sampler_arguments, flag_overrides
 
     cfg = tiny(tmp_path, "v", "train.compile=true")
     assert cfg.train.compile is True
-    monkeypatch.setattr(config_mod, "compile_problem", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(validation_mod, "compile_problem", lambda: "no C++ compiler (test)")
     with pytest.raises(ConfigError, match=r"train\.compile=true: no C\+\+ compiler"):
         validate(cfg)
     p = argparse.ArgumentParser()
