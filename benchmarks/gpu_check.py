@@ -102,8 +102,8 @@ def run_tests(timeout_s: float) -> dict:
             suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
             cases = suite.findall("testcase")
             out.update({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
-            out["failed"] = [f"{c.get('name')}: {(c.find('failure') if c.find('failure') is not None else c.find('error')).get('message', '')[:300]}"
-                             for c in cases if c.find("failure") is not None or c.find("error") is not None]
+            bad = [(c, c.find("failure") if c.find("failure") is not None else c.find("error")) for c in cases]
+            out["failed"] = [f"{c.get('name')}: {e.get('message', '')[:300]}" for c, e in bad if e is not None]
         return out
 
 
@@ -266,16 +266,21 @@ def sampling_section(args, clock: Clock, rows: list, errors: list) -> None:
             continue
         try:
             settings = SampleConfig(sampler=sampler, steps=n, cfg_scale=1.5)
-            run = lambda: sample_latents(model, labels, make_generators(0, range(args.sample_batch)), settings,  # noqa: E731
-                                         (4, S, S), device=clock.device, objective=objective)
-            run() if args.tiny else None                 # tiny: warm up; XL: the 250 steps are their own warm-up
+
+            def run():
+                gens = make_generators(0, range(args.sample_batch))
+                sample_latents(model, labels, gens, settings, (4, S, S), device=clock.device, objective=objective)
+
+            if args.tiny:
+                run()                                    # warm-up; at XL the 250 steps are their own warm-up
             clock.sync()
             t0 = time.perf_counter()
             run()
             clock.sync()
             dt = time.perf_counter() - t0
             rows.append({"model": name, "sampler": sampler, "steps": n, "cfg_scale": 1.5, "batch": args.sample_batch,
-                         "precision": "fp32", "seconds": round(dt, 2), "images_per_s": round(args.sample_batch / dt, 3)})
+                         "precision": "fp32", "seconds": round(dt, 2),
+                         "images_per_s": round(args.sample_batch / dt, 3)})
         except Exception as e:
             errors.append({"section": f"sampling {sampler}", "error": f"{type(e).__name__}: {e}",
                            "traceback": traceback.format_exc()[-2000:]})

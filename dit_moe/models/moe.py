@@ -126,7 +126,7 @@ class MoEMLP(nn.Module):
 
     @torch.compiler.disable
     def _routed(self, x: torch.Tensor, samples: int, scores, shape: torch.Size) -> torch.Tensor:
-        """(N, D) -> (B, T, D) of ``shape``: selection, dispatch, combine and statistics, always eager (torch.compile skips it).
+        """(N, D) -> (B, T, D) of ``shape``: selection, dispatch, combine, statistics; always eager (compile skips it).
 
         Why eager: the threshold routers' pair count is data-dependent (one host read, then nonzero_static), the
         segment loop needs host sizes, the grouped_mm probe and the RoutingTap hooks are Python; under compile
