@@ -11,7 +11,8 @@ Compiled = ``dit_moe.models.compile.compile_blocks`` (train.compile=true). Both 
 compile_s is the first compiled step's wall time minus the eager median step (dynamo tracing, AOTAutograd and
 inductor's C++ build; inductor's on-disk cache makes a second run of the same shapes much shorter: run twice to
 see cold and warm). Step times are medians of --steps steps taken alternately
-(eager, compiled, eager, ...) after one warm-up each, so load from other processes hits both alike.
+(eager, compiled, eager, ...) after one warm-up each, so load from other processes hits both alike; ``paired`` is
+the median over steps of compiled / the eager step just before it.
 The last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -81,11 +82,13 @@ def measure(key: str, steps: int, batch: int) -> dict:
         te.append(run_e()[0])
         tc.append(run_c()[0])
     me, mc = statistics.median(te), statistics.median(tc)
+    paired = statistics.median(c / e for c, e in zip(tc, te))        # each compiled step over the eager one before
     c = count_params(cfg)
     return {"model": key, "name": cfg.model.name, "routing": cfg.routing.type if "E" in cfg.model.name else None,
             "batch": batch, "tokens": (S // 2) ** 2, "gmacs_per_image": c["gflops"],
             "eager_first_s": first_e, "compiled_first_s": first_c, "compile_s": first_c - me,
             "eager_step_ms": 1e3 * me, "compiled_step_ms": 1e3 * mc, "compiled_over_eager": mc / me,
+            "compiled_over_eager_paired_median": paired,
             "graph_breaks": [{k: b[k] for k in ("kind", "graphs", "breaks")} for b in breaks]}
 
 
@@ -104,11 +107,12 @@ def main() -> None:
         p.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     rows = [measure(k, args.steps, args.batch) for k in keys]
     print(f"{'model':>8} {'name':>14} {'batch':>5} {'compile s':>9} {'eager ms':>9} {'compiled ms':>11} "
-          f"{'ratio':>6}  graphs/breaks per block kind")
+          f"{'ratio':>6} {'paired':>6}  graphs/breaks per block kind")
     for r in rows:
         gb = ", ".join(f"{b['kind']} {b['graphs']}/{b['breaks']}" for b in r["graph_breaks"])
         print(f"{r['model']:>8} {r['name']:>14} {r['batch']:>5} {r['compile_s']:9.1f} {r['eager_step_ms']:9.1f} "
-              f"{r['compiled_step_ms']:11.1f} {r['compiled_over_eager']:6.3f}  {gb}")
+              f"{r['compiled_step_ms']:11.1f} {r['compiled_over_eager']:6.3f} "
+              f"{r['compiled_over_eager_paired_median']:6.3f}  {gb}")
     print(json.dumps({"benchmark": "compile_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

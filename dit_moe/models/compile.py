@@ -9,7 +9,7 @@ model share their code, so dynamo compiles one graph set per distinct block stru
 unpatchify stay eager: they run once per forward and are a few small ops.
 
 What stays eager: ``MoEMLP._routed`` (selection, pair list, expert bank, combine, routing statistics), marked
-``torch.compiler.disable``. The threshold routers' number of pairs is data-dependent (one host read per layer), the
+``torch.compiler.disable`` by ``compile_blocks`` (``keep_dispatch_eager``). The threshold routers' number of pairs is data-dependent (one host read per layer), the
 CPU segment loop needs host sizes, and the grouped_mm probe, the RoutingTap hooks and the gradient-checkpoint
 recompute test are Python; traced, each would be a graph break or a recompile per new pair count. Disabled, an
 MoE block is exactly two graphs with one break between them, whatever the router; a dense block is one graph.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["compile_blocks", "is_compiled", "graph_breaks"]
+__all__ = ["compile_blocks", "keep_dispatch_eager", "is_compiled", "graph_breaks"]
 
 
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
@@ -35,10 +35,25 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"compile_blocks expects a DiT (a model with .blocks), got {type(model).__name__}")
+    keep_dispatch_eager()
     for block in blocks:
         if not is_compiled(block):
             block.compile(**options)
     return model
+
+
+def keep_dispatch_eager() -> None:
+    """Mark ``MoEMLP._routed`` ``torch.compiler.disable`` (once per process; eager calls are unaffected).
+
+    Done on first use rather than with a decorator in moe.py: ``torch.compiler.disable`` imports torch._dynamo,
+    which would add seconds to the start of every command that never compiles.
+    """
+    from .moe import MoEMLP
+
+    if not getattr(MoEMLP._routed, "_dit_moe_eager", False):
+        eager = torch.compiler.disable(MoEMLP._routed)
+        eager._dit_moe_eager = True
+        MoEMLP._routed = eager
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -55,6 +70,7 @@ def graph_breaks(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Te
     restored afterwards. ``explain`` resets dynamo's caches before and after: call it before a compiled run, not
     during one (the blocks would compile again).
     """
+    keep_dispatch_eager()
     inputs = {}
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, tuple(v.detach() for v in a)))
              for i, b in enumerate(model.blocks)]

@@ -124,13 +124,14 @@ class MoEMLP(nn.Module):
         scores = self.router.scores(x)                                    # gate + softmax: compiled with the block
         return self._routed(x, samples, scores, shape)
 
-    @torch.compiler.disable
     def _routed(self, x: torch.Tensor, samples: int, scores, shape: torch.Size) -> torch.Tensor:
-        """(N, D) -> (B, T, D) of ``shape``: selection, dispatch, combine, statistics; always eager (compile skips it).
+        """(N, D) -> (B, T, D) of ``shape``: selection, dispatch, combine, statistics; always eager.
 
         Why eager: the threshold routers' pair count is data-dependent (one host read, then nonzero_static), the
-        segment loop needs host sizes, the grouped_mm probe and the RoutingTap hooks are Python; under compile
-        these would break the graph anyway, here they make one clean break per MoE block (dit_moe/models/compile.py).
+        segment loop needs host sizes, the grouped_mm probe and the RoutingTap hooks are Python; traced, these
+        would break the graph anyway, eager they make one clean break per MoE block. ``compile_blocks``
+        (dit_moe/models/compile.py) wraps this method in ``torch.compiler.disable`` -- there, not with a decorator
+        here, because the decorator imports torch._dynamo, seconds of start-up for every command.
         """
         r = self.router(x, samples, scores=scores)
         xs = x.index_select(0, r.token_idx)                               # (M, D), expert-contiguous
