@@ -115,6 +115,20 @@ def test_eval_forward_under_no_grad_matches_eager():
                                    rtol=RTOL, atol=1e-5)
 
 
+def test_sample_compile_setting_compiles_in_place_and_samples_the_same():
+    from dit_moe.config import SampleConfig
+    from dit_moe.sampling import make_generators, sample_latents
+
+    eager = _model("topk").eval()
+    compiled = copy.deepcopy(eager)
+    out = {}
+    for model, flag in ((eager, False), (compiled, True)):
+        settings = SampleConfig(sampler="ddim", steps=3, cfg_scale=2.0, compile=flag)
+        out[flag] = sample_latents(model, torch.tensor([1, 7]), make_generators(0, [0, 1]), settings, (1, 8, 8))
+    assert all(is_compiled(b) for b in compiled.blocks) and not any(is_compiled(b) for b in eager.blocks)
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-5)
+
+
 def test_graph_breaks_are_the_disabled_moe_dispatch_only():
     """Dense blocks compile to one graph; an MoE block breaks only around ``MoEMLP._routed`` (compile.py)."""
     x, t, y = _inputs()
