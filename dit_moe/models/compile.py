@@ -9,11 +9,13 @@ model share their code, so dynamo compiles one graph set per distinct block stru
 unpatchify stay eager: they run once per forward and are a few small ops.
 
 What stays eager: ``MoEMLP._routed`` (selection, pair list, expert bank, combine, routing statistics), marked
-``torch.compiler.disable`` by ``compile_blocks`` (``keep_dispatch_eager``). The threshold routers' number of pairs is data-dependent (one host read per layer), the
-CPU segment loop needs host sizes, and the grouped_mm probe, the RoutingTap hooks and the gradient-checkpoint
-recompute test are Python; traced, each would be a graph break or a recompile per new pair count. Disabled, an
-MoE block is exactly two graphs with one break between them, whatever the router; a dense block is one graph.
-``graph_breaks`` counts them with ``torch._dynamo.explain``.
+``torch.compiler.disable`` by ``compile_blocks`` (``keep_dispatch_eager``). The threshold routers' number of
+pairs is data-dependent (one host read per layer), the CPU segment loop needs host sizes, and the grouped_mm
+probe, the RoutingTap hooks and the gradient-checkpoint recompute test are Python; traced, each would be a graph
+break or a recompile per new pair count. Disabled, an MoE block is three graphs with two breaks, whatever the
+router: the block up to the MLP, the router scores (the disabled call breaks the block's frame at ``self.mlp``,
+and dynamo compiles the MoE-MLP's forward as a frame of its own, which breaks again at ``_routed``), and the
+gated residual after it. A dense block is one graph. ``graph_breaks`` counts them with ``torch._dynamo.explain``.
 
 Parameter names and state dicts do not change (no ``_orig_mod.`` prefix): checkpoints of compiled and eager runs
 are interchangeable, and a compiled run resumes an eager one and vice versa.
