@@ -189,3 +189,31 @@ def test_compiled_run_resumes_bit_exactly_and_tracks_the_eager_run(tmp_path, mon
             torch.testing.assert_close(sa[k], se[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{file}:{k}: {m}")
     la, le = ({r["step"]: r["loss"] for r in read_metrics(run)} for run in (straight, eager))
     assert la.keys() == le.keys() and all(abs(la[s] - le[s]) <= 1e-4 * abs(le[s]) for s in la), (la, le)
+
+
+def test_two_processes_with_compiled_blocks_keep_replicas_identical(tmp_path):
+    """DDP (torchrun, gloo) around compiled blocks: gradients are all-reduced and router state stays identical."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_train_distributed import REPO, SCRIPT, free_port
+
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script),
+           "model.name=DiT-T/2-E8K2", "model.input_size=8", "model.in_channels=1", "model.num_classes=10",
+           "routing.type=dtopp", "routing.target=2", "routing.balance_bias=true", "train.compile=true",
+           f"train.run_dir={tmp_path}", "train.run_name=ddp", "train.tracker=null", "train.global_batch_size=32",
+           "train.steps=3", "train.log_every=3", "train.ckpt_every=1000", "sample.steps=2", "sample.num_per_class=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    replicas = json.loads((tmp_path / "ddp" / "replicas.json").read_text())
+    r0, r1 = sorted(replicas["ranks"], key=lambda r: r["rank"])
+    for key in ("model", "ema", "buffers"):
+        assert r0[key] == r1[key], f"{key} differs between ranks"
+    assert replicas["in_sync"] is True and r0["step"] == r1["step"] == 3
