@@ -1,6 +1,6 @@
 """The prepared GPU check: CUDA tests, training throughput and MFU, MoE/dense at equal active FLOPs, sampling speed.
 
-    python benchmarks/gpu_check.py                                  # one H100/H200: about 5-8 minutes
+    python benchmarks/gpu_check.py                                  # one H100/H200: sized for <= 8 minutes
     python benchmarks/gpu_check.py --device cpu --tiny              # the same code on tiny models (tests, any CPU)
 
 Writes ``--out`` (default gpu_check.json) and prints a table (also written next to it, .txt). Sections:
