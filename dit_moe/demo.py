@@ -1,6 +1,7 @@
 """`dit-moe demo` (what `make demo` runs; also `python -m dit_moe.demo`): the whole pipeline on the embedded digits, one command.
 
-1. trains ``configs/default.yaml`` (a tiny DiT-MoE with DTop-p routing on sklearn's 8x8 digits; resumes if interrupted),
+1. trains ``configs/default.yaml`` (a tiny DiT-MoE with DTop-p routing on sklearn's 8x8 digits, rectified flow; resumes
+   if interrupted),
 2. samples a labelled grid of every class with the EMA weights (the checkpoint's sampler unless flags say otherwise),
 3. draws class-balanced samples and computes the digits FID against the whole dataset (features: ``digits-cnn``, the
    penultimate layer of a small CNN trained on the digits, see dit_moe/features.py) and the accuracy of that classifier
@@ -67,15 +68,18 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
     t0 = time.time()
     run_dir = train(cfg, resume="latest")   # continues an interrupted demo; a finished one returns at once
     timings["train_s"] = round(time.time() - t0, 1)
+    print(f"      {timings['train_s']:.1f} s")
 
     bundle = inference.load(run_dir, weights=weights, device=device, vae=vae)
     settings = sampling.resolve_settings(dataclasses.replace(bundle.defaults, **(sampling_overrides or {})),
                                          bundle.objective, bundle.shape[0], name=lambda f: sampling.FLAGS.get(f, f))
-    print(f"[2/4] sampling a labelled grid with the EMA weights ({settings.sampler} {settings.steps} steps, "
-          f"cfg {settings.cfg_scale})")
+    guided = (f"cfg {settings.cfg_scale}" + (" at t in [{}, {}]".format(*settings.guidance_interval)
+                                             if settings.guidance_interval and settings.cfg_scale != 1 else ""))
+    print(f"[2/4] sampling a labelled grid with the EMA weights ({settings.sampler} {settings.steps} steps, {guided})")
     t0 = time.time()
     grid = sampling.sample_grid(bundle, settings, out=run_dir / "samples.png")
     timings["grid_s"] = round(time.time() - t0, 1)
+    print(f"      {timings['grid_s']:.1f} s")
 
     print(f"[3/4] {num_samples} class-balanced samples -> digits FID and classifier accuracy")
     t0 = time.time()
@@ -86,6 +90,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
         bundle, samples_dir, bulk, num_samples=num_samples, progress=False,
         evaluation=sampling.Evaluation(reference=str(reference), extractor="digits-cnn", classifier_accuracy=True))
     timings["sample_eval_s"] = round(time.time() - t0, 1)
+    print(f"      {timings['sample_eval_s']:.1f} s")
 
     print("[4/4] routing analysis and training curves")
     t0 = time.time()
@@ -94,6 +99,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
                                           time_shift=settings.time_shift)
     curves = analyze.plot_training_curves(run_dir)
     timings["analysis_s"] = round(time.time() - t0, 1)
+    print(f"      {timings['analysis_s']:.1f} s")
 
     result = {
         "run_dir": str(run_dir),
@@ -136,7 +142,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"run folder:           {r['run_dir']}")
     print(f"samples grid:         {f['grid']}")
     print(f"digits FID:           {r['fid_digits']:.3f}  ({r['num_samples']} samples, {r['objective']} model, "
-          f"{r['sampler']} {r['steps']} steps, cfg {r['cfg_scale']}, features: digits-cnn)")
+          f"{r['sampler']} {r['steps']} steps, cfg {r['cfg_scale']}"
+          + (" at t in [{}, {}]".format(*r["guidance_interval"]) if r["guidance_interval"] else "")
+          + ", features: digits-cnn)")
     print(f"classifier accuracy:  {100 * r['classifier_accuracy']:.1f}% of samples show the requested digit")
     print(f"metrics:              {f['metrics']}")
     print(f"training log:         {f['metrics_log']}")

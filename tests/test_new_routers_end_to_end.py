@@ -60,7 +60,7 @@ def test_study_expresses_the_new_arms_by_override(tmp_path):
     text = f"""
 name: arms
 output: {tmp_path / "out"}
-base: {{config: {ROOT / "configs" / "default.yaml"}, overrides: [train.steps=4]}}
+base: {{config: {ROOT / "configs" / "default.yaml"}, overrides: [diffusion.objective=ddpm, model.learn_sigma=true, train.steps=4]}}
 seeds: [0]
 arms:
   - {{name: topk-bias, overrides: [routing.type=topk, routing.balance_bias=true]}}

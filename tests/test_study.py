@@ -16,7 +16,7 @@ name: short
 output: {out}
 base:
   config: {root}/configs/default.yaml
-  overrides: [train.steps=4, train.log_every=2, train.ckpt_every=4, train.global_batch_size=16,
+  overrides: [diffusion.objective=ddpm, model.learn_sigma=true, train.steps=4, train.log_every=2, train.ckpt_every=4, train.global_batch_size=16,
               train.warmup_steps=1, train.tracker=null, sample.num_per_class=1]
 seeds: [0]
 evaluation: {{sampler: ddim, steps: 3, num_samples: 20, batch_size: 20, analysis_per_class: 1,

@@ -221,6 +221,8 @@ def arm_config(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[
         f"train.seed={seed}", f"train.run_dir={study.output / 'runs'}", f"train.run_name={arm.name}-s{seed}",
         # The checkpoint's sample section = the study's sampler, so grids and `dit-moe sample RUN` match the table.
         f"sample.sampler={ev.sampler}", f"sample.steps={ev.steps}", f"sample.cfg_scale={ev.cfg_scale}",
+        # Guidance at every step for every arm, whatever interval the base config's sample section names.
+        "sample.guidance_interval=null",
     ]
     if threshold is not None:
         overrides.append(f"routing.threshold={threshold!r}")

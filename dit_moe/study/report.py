@@ -48,7 +48,11 @@ def aggregate(study: StudyConfig, runs: list[dict], timing: Optional[dict] = Non
                           "balance_bias": mine[0].get("balance_bias", False), "ec_pool": mine[0].get("ec_pool"),
                           "description": arm.description, "overrides": arm.overrides, **stats}
     calib = study.output / CALIBRATION_FILE
-    base = load_config(study.base_config, study.base_overrides)
+    # The base config with the study's sampler (as every arm gets it): the base file's own sample section may belong
+    # to another objective than the one the base overrides pin.
+    ev = study.evaluation
+    base = load_config(study.base_config, [*study.base_overrides, f"sample.sampler={ev.sampler}",
+                                           f"sample.steps={ev.steps}", "sample.guidance_interval=null"])
     return {
         "name": study.name, "config": str(study.path), "seeds": study.seeds,
         "train": {"steps": base.train.steps, "global_batch_size": base.train.global_batch_size, "lr": base.train.lr,
