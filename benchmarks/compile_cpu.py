@@ -5,7 +5,8 @@
 Models: ``default`` is configs/default.yaml's model (DiT-T/2-E8K2, DTop-p target 2, 1x8x8 digits, 16 tokens);
 ``dense`` the same size without experts (DiT-T/2); ``s2moe`` / ``s2`` are DiT-S/2-E8K2 (Top-k) / DiT-S/2 at
 4x32x32 latents (256 tokens), the issue's CPU step benchmark size (use --batch 8).
-One step is what the trainer does: the diffusion loss (DDPM hybrid) + router aux loss, backward, AdamW, routing_step.
+One step is what the trainer does: the config's diffusion loss (default.yaml's objective) + router aux loss,
+backward, AdamW, routing_step.
 Compiled = ``dit_moe.models.compile.compile_blocks`` (train.compile=true). Both models start from the same weights.
 
 compile_s is the first compiled step's wall time minus the eager median step (dynamo tracing, AOTAutograd and
@@ -85,7 +86,7 @@ def measure(key: str, steps: int, batch: int) -> dict:
     paired = statistics.median(c / e for c, e in zip(tc, te))        # each compiled step over the eager one before
     c = count_params(cfg)
     return {"model": key, "name": cfg.model.name, "routing": cfg.routing.type if "E" in cfg.model.name else None,
-            "batch": batch, "tokens": (S // 2) ** 2, "gmacs_per_image": c["gflops"],
+            "objective": cfg.diffusion.objective, "batch": batch, "tokens": (S // 2) ** 2, "gmacs_per_image": c["gflops"],
             "eager_first_s": first_e, "compiled_first_s": first_c, "compile_s": first_c - me,
             "eager_step_ms": 1e3 * me, "compiled_step_ms": 1e3 * mc, "compiled_over_eager": mc / me,
             "compiled_over_eager_paired_median": paired,

@@ -2,7 +2,8 @@
 fp32 run's, and the router math stays fp32 under autocast while the blocks run in bf16.
 
 Band: bf16 keeps 8 mantissa bits (unit roundoff 2^-8 = 0.4%); per-element rounding averages out in a mean loss, so
-over a dozen steps the bf16 loss stays within 2% of the fp32 loss at every logged step (observed: about 0.1%).
+over a dozen steps the bf16 loss stays within 2% of the fp32 loss at every logged step (observed: below 0.1%, with
+the embedded default's flow objective and with the DDPM objective it had before).
 """
 import os
 
@@ -89,7 +90,7 @@ def test_default_trains_in_bf16_tracking_fp32_with_fp32_router_math(tmp_path, mo
     assert a.keys() == b.keys() == {3, 6, 9, 12}
     for step in a:
         assert abs(b[step] - a[step]) <= BAND * a[step], (step, a[step], b[step])
-    assert b[12] < 0.8 * b[3] and a[12] < 0.8 * a[3], (a, b)         # both learn
+    assert b[12] < 0.95 * b[3] and a[12] < 0.95 * a[3], (a, b)       # both learn (flow: ~10% in these 12 steps)
 
 
 @pytest.mark.parametrize("rtype", ["topk", "topp", "dtopp", "expert_choice"])
