@@ -489,6 +489,7 @@ base:
   overrides: [train.steps=2, train.tracker=null]
 seeds: [0]
 evaluation: {{steps: 2, num_samples: 4, batch_size: 4{evaluation}}}
+{comparison}
 arms:
   - {{name: topk, overrides: [routing.type=topk]}}
   - {{name: topp, overrides: [routing.type=topp]{calibrate}}}
@@ -515,13 +516,18 @@ arms:
     ({"calibrate": ", calibrate: {from: topk, targt: 2}"}, [], "arms[1].calibrate: unknown key(s) targt"),
     ({"calibrate": ", calibrate: {target: 2}"}, [], "arms[1].calibrate: missing key(s) from"),
     ({"calibrate": ", calibrate: {from: topk, target: 0.5}"}, [], "calibrate.target must be a number >= 1"),
+    ({"evaluation": ", flow_sampler: ddim"}, [], "evaluation.flow_sampler: 'ddim' is not one of"),
+    ({"comparison": "comparison: {baseline: nope}"}, [], "comparison.baseline: no arm named 'nope'"),
+    ({"comparison": "comparison: {interactions: [{name: x, first: [topk, topp], second: [topp, nope]}]}"}, [],
+     "comparison.interactions[0].second: no arm named 'nope'"),
 ], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
 def test_bad_study_input_exits_2_with_one_line_and_creates_nothing(tmp_path, capsys, edit, args, match):
     from dit_moe.study import main
 
     tmp = _inputs(tmp_path)
     text = STUDY.format(out=tmp / "out", default=DEFAULT, evaluation=edit.get("evaluation", ""),
-                        calibrate=edit.get("calibrate", "")).replace("{tmp}", str(tmp))
+                        calibrate=edit.get("calibrate", ""), comparison=edit.get("comparison", "")
+                        ).replace("{tmp}", str(tmp))
     (tmp / "study.yaml").write_text(text)
     before = sorted(tmp.rglob("*"))
     assert main([str(tmp / "study.yaml"), *[a.format(tmp=tmp) for a in args]]) == 2

@@ -14,7 +14,8 @@ settings and an output folder. Every (arm, seed) is an ordinary training run in 
    ``samples.json`` gives the activated experts per token during sampling (both CFG halves);
 4. ``dit_moe.analyze``: routing plots of the final checkpoint on its sampling trajectory (whose per-token standard
    deviation the table reports) and the training curves;
-5. ``study_result.json`` in the run folder. A run with its final checkpoint and this file is skipped on re-run.
+5. ``study_result.json`` in the run folder. A run with its final checkpoint and this file is skipped on re-run
+   (one evaluated with other evaluation settings than the study's is an error naming them).
 
 Arms may take a calibrated fixed Top-p threshold (``calibrate: {from: ARM, target: 2.0}``): once the first seed of
 ARM has finished, its final raw weights are loaded, and the global top-p threshold of every router is bisected so
@@ -25,19 +26,26 @@ Aggregation (``<output>/results.json``, ``results.md``, and PNGs in ``<output>/p
 mean and standard deviation across seeds of the final diffusion loss (mse + vb, mean over the last 10% of logged
 steps), FID, classifier accuracy, activated experts during training (mean over the last quarter of the logged
 steps, its spread across steps, and the probe's per-token std), during sampling (samples.json mean; analysis
-per-token std), and seconds per training step.
+per-token std), and seconds per training step; and every arm paired seed by seed with its baseline arm
+(``comparison.baseline``, e.g. Top-k): per-seed differences of FID, accuracy and loss, a paired t interval, a sign
+count and a plain "resolved at n seeds" statement, plus interactions such as "does the DTop-p vs Top-k gap depend
+on the objective" (``paired``). Each arm is evaluated with the sampler of its objective (``evaluation.sampler``
+for DDPM arms, ``evaluation.flow_sampler`` for flow arms), so ``diffusion.objective=flow`` is an ordinary override.
 
 Several runs can go in parallel on one machine (``--jobs N``: N worker processes, each with cores / N threads).
 Under ``accelerate launch`` (one process per GPU) every run uses all processes (``--jobs`` must be 1); the probe,
 calibration, analysis and bookkeeping happen on the main process.
 
 One file per job: ``config`` (the typed schema, ``load_study``, ``arm_config``), ``run`` (arms x seeds, resumable,
-worker processes, calibration, timing), ``report`` (aggregate, table, plots) and ``cli``.
+worker processes, calibration, timing), ``paired`` (per-seed statistics), ``report`` (aggregate, tables, plots)
+and ``cli``.
 """
 from .cli import main
-from .config import (CALIBRATION_FILE, RESULT_FILE, ArmSpec, BaseSpec, CalibrationSpec, EvalSpec, StudyConfig,
-                     StudyError, StudyFile, arm_config, load_study, study_problems)
-from .report import STAT_KEYS, aggregate, plot_study, results_table, write_report
+from .config import (CALIBRATION_FILE, RESULT_FILE, ArmSpec, BaseSpec, CalibrationSpec, ComparisonSpec, EvalSpec,
+                     InteractionSpec, StudyConfig, StudyError, StudyFile, arm_config, arm_objective, load_study,
+                     study_problems)
+from .paired import compare_arms, interaction, paired_stats, sign_test, t_quantile
+from .report import STAT_KEYS, aggregate, paired_tables, plot_study, results_table, write_report
 from .run import (_probe_inputs, calibrate_topp_threshold, check_inputs, probe_routing, run_arm, run_study,  # noqa: F401
                   summarize_run, time_arms)
 
@@ -47,6 +55,8 @@ __all__ = [
     "BaseSpec",
     "CalibrationSpec",
     "EvalSpec",
+    "ComparisonSpec",
+    "InteractionSpec",
     "StudyConfig",
     "StudyFile",
     "CALIBRATION_FILE",
@@ -55,6 +65,13 @@ __all__ = [
     "load_study",
     "study_problems",
     "arm_config",
+    "arm_objective",
+    "paired_stats",
+    "sign_test",
+    "t_quantile",
+    "compare_arms",
+    "interaction",
+    "paired_tables",
     "probe_routing",
     "calibrate_topp_threshold",
     "check_inputs",

@@ -1,6 +1,7 @@
 """`dit-moe study CONFIG` (also `python -m dit_moe.study`): run a routing study, then tabulate and plot it.
 
     dit-moe study configs/study-digits.yaml --jobs 2 --plots-dir docs/study
+    OMP_NUM_THREADS=1 dit-moe study configs/study-digits-v2.yaml --jobs 2 --plots-dir docs/study-v2
     accelerate launch --multi_gpu --num_processes 8 -m dit_moe study configs/study-imagenet-S2.yaml data.path=latents/in256
 
 The study config and every arm's experiment config are validated, and the flags, the reference and the extractor

@@ -5,10 +5,12 @@ pass for what a type cannot say, and every arm's experiment config resolved befo
     output: runs/short              # default: runs/<file name>
     base: {config: configs/default.yaml, overrides: [train.steps=1000, ...]}
     seeds: [0, 1, 2]
-    evaluation: {sampler: ddim, steps: 50, num_samples: 500, ...}     # EvalSpec below; every key optional
+    evaluation: {sampler: ddim, steps: 50, flow_sampler: euler, num_samples: 500, ...}   # EvalSpec; keys optional
+    comparison: {baseline: topk, confidence: 0.95, interactions: [...]}            # ComparisonSpec; optional
     arms:
       - {name: topk, overrides: [routing.type=topk], description: "..."}
       - {name: topp-cal, overrides: [routing.type=topp], calibrate: {from: topp-0.4, target: 2.0}}
+      - {name: topk-flow, overrides: [diffusion.objective=flow, model.learn_sigma=false], baseline: topk}
 
 An unknown key or a value of the wrong type is the same ``ConfigError`` message as in an experiment config, naming
 the key (``evaluation.num_sample``, ``arms[2].calibrate.targt``), raised as a ``StudyError`` prefixed with the file.
@@ -22,11 +24,13 @@ from typing import Optional, Sequence
 
 import yaml
 
-from ..config import ALL_SAMPLERS, ConfigError, ExperimentConfig, from_dict, load_config
+from ..config import (SAMPLERS, ConfigError, DiffusionConfig, ExperimentConfig, apply_overrides, from_dict,
+                      load_config)
 from ..errors import DitMoeError
 
-__all__ = ["StudyError", "BaseSpec", "CalibrationSpec", "ArmSpec", "EvalSpec", "StudyFile", "StudyConfig",
-           "RESULT_FILE", "CALIBRATION_FILE", "study_problems", "load_study", "arm_config"]
+__all__ = ["StudyError", "BaseSpec", "CalibrationSpec", "ArmSpec", "EvalSpec", "InteractionSpec", "ComparisonSpec",
+           "StudyFile", "StudyConfig", "RESULT_FILE", "CALIBRATION_FILE", "study_problems", "load_study", "arm_config",
+           "arm_objective"]
 
 RESULT_FILE = "study_result.json"         # <output>/runs/<arm>-s<seed>/: one finished run's numbers
 CALIBRATION_FILE = "calibration.json"     # <output>/: calibrated Top-p thresholds
@@ -43,9 +47,15 @@ class StudyError(DitMoeError, ValueError):
 
 @dataclass
 class EvalSpec:
-    """Evaluation shared by every arm (changing any of these changes every number of the table)."""
-    sampler: str = field(default="ddim", metadata={"choices": ALL_SAMPLERS})
+    """Evaluation shared by every arm (changing any of these changes every number of the table).
+
+    The sampler is chosen per objective, so one study can hold arms of both (``diffusion.objective=flow`` as an
+    ordinary arm or command-line override): ``sampler``/``steps`` for DDPM arms, ``flow_sampler``/``flow_steps``
+    for flow arms; everything else (CFG scale, sample seed, count, reference) is shared."""
+    sampler: str = field(default="ddim", metadata={"choices": SAMPLERS["ddpm"]})          # arms of objective ddpm
     steps: int = 50
+    flow_sampler: str = field(default="euler", metadata={"choices": SAMPLERS["flow"]})    # arms of objective flow
+    flow_steps: int = 50
     cfg_scale: float = 2.0
     num_samples: int = 500
     batch_size: int = 250
@@ -61,6 +71,33 @@ class EvalSpec:
     final_fraction: float = 0.1           # final loss = mean over this last fraction of logged steps
     active_fraction: float = 0.25         # train-time activated experts over this last fraction of logged steps
 
+    def sampler_for(self, objective: str) -> tuple[str, int]:
+        """(sampler, steps) of the arms trained with ``objective``."""
+        return (self.flow_sampler, self.flow_steps) if objective == "flow" else (self.sampler, self.steps)
+
+
+@dataclass
+class InteractionSpec:
+    """Does a paired difference depend on a setting? Per seed (first[0] - first[1]) - (second[0] - second[1]).
+
+    E.g. {name: objective, first: [dtopp, topk], second: [dtopp-flow, topk-flow]}: does the DTop-p vs Top-k gap
+    change from DDPM to flow matching (and does the ranking flip)?"""
+    name: str
+    first: list[str]                      # [arm, its reference] in the first setting
+    second: list[str]                     # the same two arms in the second setting
+
+
+@dataclass
+class ComparisonSpec:
+    """Paired comparisons in the report (dit_moe/study/paired.py): every arm against a baseline arm of the same seed
+    (same init seed, data order and training noise, same sampling noise), with a paired t interval and a sign test."""
+    baseline: Optional[str] = None        # arm the others are paired with (an arm's own `baseline` wins); None: none
+    confidence: float = 0.95              # two-sided level of the paired t interval
+    interactions: Optional[list[InteractionSpec]] = None
+
+    def __post_init__(self):
+        self.interactions = list(self.interactions or [])
+
 
 @dataclass
 class CalibrationSpec:
@@ -75,6 +112,7 @@ class ArmSpec:
     overrides: Optional[list[str]] = None           # section.key=value, after the base overrides
     calibrate: Optional[CalibrationSpec] = None
     description: Optional[str] = ""
+    baseline: Optional[str] = None                  # the arm this one is paired with (None: comparison.baseline)
 
     def __post_init__(self):
         self.overrides = list(self.overrides or [])
@@ -108,6 +146,7 @@ class StudyFile:
     name: Optional[str] = None
     output: Optional[str] = None
     evaluation: EvalSpec = field(default_factory=EvalSpec)
+    comparison: ComparisonSpec = field(default_factory=ComparisonSpec)
 
 
 @dataclass
@@ -121,12 +160,18 @@ class StudyConfig:
     arms: list                            # [ArmSpec]
     evaluation: EvalSpec
     path: Optional[Path] = None           # the YAML file
+    comparison: ComparisonSpec = field(default_factory=ComparisonSpec)
 
     def arm(self, name: str) -> ArmSpec:
         for a in self.arms:
             if a.name == name:
                 return a
         raise StudyError(f"{self.path}: no arm named {name!r}; arms: {', '.join(a.name for a in self.arms)}")
+
+    def baseline_of(self, arm: ArmSpec) -> Optional[str]:
+        """The arm ``arm`` is paired with in the report (None: the baseline itself, or no comparison)."""
+        base = arm.baseline or self.comparison.baseline
+        return None if base == arm.name else base
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,8 +185,8 @@ def study_problems(spec: StudyFile) -> list[str]:
     if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
         bad(f"seeds must be a non-empty list of distinct integers, got {spec.seeds!r}")
     ev = spec.evaluation
-    for key in ("steps", "num_samples", "batch_size", "analysis_per_class", "probe_batches", "probe_batch_size",
-                "timing_steps"):
+    for key in ("steps", "flow_steps", "num_samples", "batch_size", "analysis_per_class", "probe_batches",
+                "probe_batch_size", "timing_steps"):
         if getattr(ev, key) < 1:
             bad(f"evaluation.{key}={getattr(ev, key)} must be >= 1")
     for key in ("final_fraction", "active_fraction"):
@@ -162,6 +207,23 @@ def study_problems(spec: StudyFile) -> list[str]:
             bad(f"arms[{i}] ({arm.name}).calibrate.from: no arm named {c.source!r}; arms: {', '.join(names)}")
         elif spec.arms[names.index(c.source)].calibrate is not None:
             bad(f"arm {arm.name!r} calibrates from {c.source!r}, which is calibrated itself")
+    cmp = spec.comparison
+    if not 0 < cmp.confidence < 1:
+        bad(f"comparison.confidence={cmp.confidence} must be in (0, 1)")
+    if cmp.baseline is not None and cmp.baseline not in names:
+        bad(f"comparison.baseline: no arm named {cmp.baseline!r}; arms: {', '.join(names)}")
+    for i, arm in enumerate(spec.arms):
+        if arm.baseline is not None and arm.baseline not in names:
+            bad(f"arms[{i}] ({arm.name}).baseline: no arm named {arm.baseline!r}; arms: {', '.join(names)}")
+    for i, inter in enumerate(cmp.interactions):
+        for key in ("first", "second"):
+            pair = getattr(inter, key)
+            if len(pair) != 2 or pair[0] == pair[1]:
+                bad(f"comparison.interactions[{i}].{key} must be two different arm names [arm, reference], "
+                    f"got {pair!r}")
+            for n in pair:
+                if n not in names:
+                    bad(f"comparison.interactions[{i}].{key}: no arm named {n!r}; arms: {', '.join(names)}")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         bad(f"duplicate arm name(s) {', '.join(dup)}")
@@ -204,7 +266,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
     study = StudyConfig(
         name=spec.name or path.stem, output=Path(output or spec.output or f"runs/{path.stem}"),
         base_config=base_config, base_overrides=spec.base.overrides + list(overrides), seeds=list(spec.seeds),
-        arms=spec.arms, evaluation=spec.evaluation, path=path)
+        arms=spec.arms, evaluation=spec.evaluation, path=path, comparison=spec.comparison)
     for arm in study.arms:
         cfg = arm_config(study, arm, study.seeds[0], threshold=0.5 if arm.calibrate_from else None)
         if arm.calibrate_from is not None and cfg.routing.type != "topp":
@@ -213,14 +275,32 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
     return study
 
 
+def arm_objective(study: StudyConfig, arm: ArmSpec) -> str:
+    """The training objective of ``arm`` (base config + base overrides + arm overrides), read before validation:
+    the sampler written into its sample section depends on it, and validation checks the two together."""
+    d = {}
+    try:
+        if study.base_config is not None:
+            d = yaml.safe_load(Path(study.base_config).read_text()) or {}
+        d = apply_overrides(d if isinstance(d, dict) else {}, [*study.base_overrides, *arm.overrides])
+    except yaml.YAMLError as e:
+        raise StudyError(f"{study.path}: base.config {study.base_config}: not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise StudyError(f"{study.path}: arm {arm.name!r}: {e}") from None
+    section = d.get("diffusion")
+    objective = section.get("objective", DiffusionConfig().objective) if isinstance(section, dict) else "ddpm"
+    return str(objective)     # an invalid value fails in arm_config's validation, naming diffusion.objective
+
+
 def arm_config(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[float] = None) -> ExperimentConfig:
     """The experiment config of one run: base + base overrides + arm overrides + seed, run folder, sampler."""
     ev = study.evaluation
+    sampler, steps = ev.sampler_for(arm_objective(study, arm))
     overrides = [
         *study.base_overrides, *arm.overrides,
         f"train.seed={seed}", f"train.run_dir={study.output / 'runs'}", f"train.run_name={arm.name}-s{seed}",
         # The checkpoint's sample section = the study's sampler, so grids and `dit-moe sample RUN` match the table.
-        f"sample.sampler={ev.sampler}", f"sample.steps={ev.steps}", f"sample.cfg_scale={ev.cfg_scale}",
+        f"sample.sampler={sampler}", f"sample.steps={steps}", f"sample.cfg_scale={ev.cfg_scale}",
         # Guidance at every step for every arm, whatever interval the base config's sample section names.
         "sample.guidance_interval=null",
     ]

@@ -1,4 +1,5 @@
-"""A study's results: per-arm mean and spread across seeds (results.json), the Markdown table, the plots."""
+"""A study's results: per-arm mean and spread across seeds and the paired per-seed comparisons against the baseline
+arm (results.json), the Markdown tables with one plain statement per comparison (results.md), the plots."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,11 @@ from typing import Optional
 import numpy as np
 
 from ..config import load_config
-from .config import CALIBRATION_FILE, StudyConfig
+from .config import CALIBRATION_FILE, StudyConfig, arm_objective
+from .paired import (PAIRED_METRICS, better_text, compare_arms, interaction, interaction_statement, interval_text,
+                     statement)
 
-__all__ = ["STAT_KEYS", "aggregate", "results_table", "plot_study", "write_report"]
+__all__ = ["STAT_KEYS", "aggregate", "results_table", "paired_tables", "plot_study", "write_report"]
 
 
 STAT_KEYS = ("final_loss", "fid", "classifier_accuracy", "train_active_mean", "train_active_step_std",
@@ -44,15 +47,20 @@ def aggregate(study: StudyConfig, runs: list[dict], timing: Optional[dict] = Non
         arms[arm.name] = {"seeds": [r["seed"] for r in mine], "model": mine[0]["model"], "routing": mine[0]["routing"],
                           "num_experts": parse_name(mine[0]["model"]).num_experts,
                           "timing_sec_per_step": (timing or {}).get(arm.name),
+                          "objective": mine[0].get("objective", "ddpm"), "sampler": mine[0].get("sampler"),
+                          "lb_coef": mine[0].get("lb_coef"), "default_mode": mine[0].get("default_mode"),
                           "default_moe": mine[0]["default_moe"], "threshold": mine[0].get("threshold"),
                           "balance_bias": mine[0].get("balance_bias", False), "ec_pool": mine[0].get("ec_pool"),
                           "description": arm.description, "overrides": arm.overrides, **stats}
+    cmp = study.comparison
+    pairs = {a.name: study.baseline_of(a) for a in study.arms if study.baseline_of(a) is not None}
+    interactions = [interaction(runs, i.name, i.first, i.second, cmp.confidence) for i in cmp.interactions]
     calib = study.output / CALIBRATION_FILE
     # The base config with the study's sampler (as every arm gets it): the base file's own sample section may belong
     # to another objective than the one the base overrides pin.
-    ev = study.evaluation
-    base = load_config(study.base_config, [*study.base_overrides, f"sample.sampler={ev.sampler}",
-                                           f"sample.steps={ev.steps}", "sample.guidance_interval=null"])
+    sampler, steps = study.evaluation.sampler_for(arm_objective(study, dataclasses.replace(study.arms[0], overrides=[])))
+    base = load_config(study.base_config, [*study.base_overrides, f"sample.sampler={sampler}",
+                                           f"sample.steps={steps}", "sample.guidance_interval=null"])
     return {
         "name": study.name, "config": str(study.path), "seeds": study.seeds,
         "train": {"steps": base.train.steps, "global_batch_size": base.train.global_batch_size, "lr": base.train.lr,
@@ -60,7 +68,10 @@ def aggregate(study: StudyConfig, runs: list[dict], timing: Optional[dict] = Non
         "evaluation": dataclasses.asdict(study.evaluation),
         "calibration": json.loads(calib.read_text()) if calib.is_file() else None,
         "arms": arms,
-        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
+        "comparison": {"confidence": cmp.confidence, "rule": "resolved = the paired t interval excludes 0"},
+        "paired": compare_arms(runs, pairs, cmp.confidence),
+        "interactions": [i for i in interactions if i is not None],
+        "runs": [{k: v for k, v in r.items() if k not in ("curve", "evaluation")} for r in runs],
         "curves": {f"{r['arm']}-s{r['seed']}": r["curve"] for r in runs},
     }
 
@@ -79,8 +90,14 @@ def results_table(summary: dict) -> str:
     for name, a in summary["arms"].items():
         routing = a["routing"] + (f" ({a['ec_pool']} pool)" if a.get("ec_pool") else "") + \
             (" + balance bias" if a.get("balance_bias") else "") + (" + Default MoE" if a["default_moe"] else "")
+        if a.get("default_mode") == "grad_only":
+            routing += " (grad_only)"
+        if a.get("lb_coef") is not None:
+            routing += f", lb {a['lb_coef']:g}"
         if a.get("num_experts") == 1:
             routing = "dense (one always-on expert)"
+        if a.get("objective", "ddpm") != "ddpm":
+            routing += f"; {a['objective']}"
         if a["routing"] == "topp" and a.get("threshold") is not None:
             routing += f" (p={a['threshold']:.3g})"
         train_active = "-"
@@ -96,6 +113,44 @@ def results_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_tables(summary: dict) -> str:
+    """Per metric, every arm against its baseline seed by seed (differences, mean, interval, sign count, verdict),
+    then one statement per comparison and the interactions (Markdown)."""
+    conf = summary.get("comparison", {}).get("confidence", 0.95)
+    paired = summary.get("paired") or {}
+    if not paired:
+        return ""
+    out = [f"Paired by seed: d_s = arm_s - baseline_s; mean, {conf:.0%} paired t interval (n - 1 dof), seeds where "
+           "the arm is better (sign test, two-sided exact p); resolved = the interval excludes 0."]
+    for key, (label, better, scale, digits) in PAIRED_METRICS.items():
+        rows = [(arm, p) for arm, p in paired.items() if key in p["metrics"]]
+        if not rows:
+            continue
+        out += ["", f"**{label}** ({better} is better)", "",
+                "| arm | baseline | per-seed differences | mean [interval] | better on | sign p | verdict |",
+                "|---|---|---|---|---|---|---|"]
+        for arm, p in rows:
+            st = p["metrics"][key]
+            diffs = " / ".join(f"s{s}: {d * scale:+.{digits}f}" for s, d in zip(st["seeds"], st["diffs"]))
+            sign = st["sign"]
+            verdict = f"resolved at {st['n']} seeds" if st["resolved"] else "not resolved"
+            out.append(f"| {arm} | {p['baseline']} | {diffs} | {interval_text(st, scale, digits, conf)} | "
+                       f"{better_text(sign, st['n'])} | {sign['p']:.2f} | {verdict} |")
+    out += ["", "Statements:", ""]
+    for arm, p in paired.items():
+        for key in ("fid", "classifier_accuracy"):
+            if key in p["metrics"]:
+                out.append(f"- {statement(arm, p['baseline'], key, p['metrics'][key], conf)}")
+    inters = summary.get("interactions") or []
+    if inters:
+        out += ["", "Interactions (does a gap depend on a setting? change = second gap - first gap, per seed):", ""]
+        for inter in inters:
+            for key in ("fid", "classifier_accuracy", "final_loss"):
+                if key in inter["metrics"]:
+                    out.append(f"- {interaction_statement(inter, key, conf)}")
+    return "\n".join(out)
+
+
 def _smooth_mean(curves: list[tuple[list, list]]):
     """Mean over seeds of curves on their common steps: (steps (n,), mean (n,), std (n,))."""
     common = sorted(set.intersection(*[set(s) for s, _ in curves]))
@@ -108,7 +163,8 @@ def _smooth_mean(curves: list[tuple[list, list]]):
 
 
 def plot_study(summary: dict, out_dir: Path) -> list[Path]:
-    """loss_curves.png, active_experts.png, fid.png, sampling_experts.png (means over seeds, bands = ±1 std)."""
+    """loss_curves.png, active_experts.png, fid.png, sampling_experts.png (means over seeds, bands = ±1 std) and,
+    with a baseline, paired.png (per-seed differences against it with the paired interval)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,7 +172,8 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     arms = list(summary["arms"])
-    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+    cmap, n_colors = (plt.cm.tab10, 10) if len(arms) <= 10 else (plt.cm.tab20, 20)     # v2 has 13 arms
+    colors = {a: cmap(i % n_colors) for i, a in enumerate(arms)}
 
     def curves_of(arm: str, key: str):
         return [(c["step"], c[key]) for name, c in summary["curves"].items() if name.rsplit("-s", 1)[0] == arm]
@@ -210,6 +267,32 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
         files.append(out_dir / "sampling_experts.png")
         fig.savefig(files[-1], dpi=120)
     plt.close(fig)
+
+    paired = summary.get("paired") or {}
+    if paired:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(paired) + 1.6))
+        for ax, key in zip(axes, ("fid", "classifier_accuracy")):
+            label, better, scale, _ = PAIRED_METRICS[key]
+            names = [a for a in paired if key in paired[a]["metrics"]]
+            for y, arm in enumerate(names):
+                st = paired[arm]["metrics"][key]
+                if st["ci"] is not None:
+                    lo, hi = st["ci"]
+                    ax.plot([lo * scale, hi * scale], [y, y], color=colors.get(arm, "k"), lw=2.5, alpha=0.5)
+                ax.scatter([d * scale for d in st["diffs"]], [y] * st["n"], color="k", s=10, zorder=3)
+                ax.scatter([st["mean"] * scale], [y], color=colors.get(arm, "k"), marker="|", s=200, zorder=4)
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_yticks(range(len(names)), [f"{a} - {paired[a]['baseline']}" for a in names], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{label} difference ({better} is better)")
+            ax.grid(alpha=0.3, axis="x")
+        conf = summary.get("comparison", {}).get("confidence", 0.95)
+        fig.suptitle(f"Paired by seed against the baseline: dots = seeds, bar = mean, band = {conf:.0%} t interval",
+                     fontsize=9)
+        fig.tight_layout()
+        files.append(out_dir / "paired.png")
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
     return files
 
 
@@ -220,6 +303,7 @@ def write_report(study: StudyConfig, summary: dict, plots_dir: Optional[Path] = 
     summary["plots"] = [str(p) for p in plots]
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     table = results_table(summary)
-    (out / "results.md").write_text(f"# {summary['name']}\n\n{table}\n")
-    print(table)
+    paired = paired_tables(summary)
+    (out / "results.md").write_text(f"# {summary['name']}\n\n{table}\n" + (f"\n{paired}\n" if paired else ""))
+    print(table + (f"\n\n{paired}" if paired else ""))
     return summary

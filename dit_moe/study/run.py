@@ -78,8 +78,16 @@ def _prepare_reference(study: StudyConfig) -> Path:
     return ref
 
 
-def _load_result(run_dir: Path, steps: int) -> Optional[dict]:
-    """The run's study_result.json when the run is finished (final checkpoint + result), else None."""
+def _evaluation_record(ev: EvalSpec) -> dict:
+    """The evaluation settings a run's numbers depend on (the timing pass is separate)."""
+    return {k: v for k, v in dataclasses.asdict(ev).items() if k != "timing_steps"}
+
+
+def _load_result(run_dir: Path, steps: int, ev: EvalSpec) -> Optional[dict]:
+    """The run's study_result.json when the run is finished (final checkpoint + result), else None.
+
+    A study over several sittings must not mix evaluations: a finished run evaluated with other settings than the
+    study's now is an error naming the settings (results from before the record existed are taken as they are)."""
     f = run_dir / RESULT_FILE
     if not f.is_file() or _final_checkpoint(run_dir, steps) is None:
         return None
@@ -87,7 +95,14 @@ def _load_result(run_dir: Path, steps: int) -> Optional[dict]:
         result = json.loads(f.read_text())
     except json.JSONDecodeError:
         return None
-    return result if result.get("steps") == steps else None
+    if result.get("steps") != steps:
+        return None
+    saved, now = result.get("evaluation"), _evaluation_record(ev)
+    if saved is not None and saved != now:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in now if saved.get(k) != now.get(k))
+        raise StudyError(f"{f}: this finished run was evaluated with other settings ({diff}); use another --output, "
+                         f"or delete {f.name} to evaluate it again")
+    return result
 
 
 def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[float] = None, state=None,
@@ -102,31 +117,34 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     barrier = (lambda: state.wait_for_everyone()) if state is not None else (lambda: None)
     cfg = arm_config(study, arm, seed, threshold)
     run_dir = run_dir_of(cfg)
-    done = _load_result(run_dir, cfg.train.steps)
+    done = _load_result(run_dir, cfg.train.steps, study.evaluation)
     if done is not None:
         done["skipped"] = True
         return done
     ev = study.evaluation
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    timings = {}
+    timings = {}        # wall seconds per stage, and this process's CPU seconds (the cost on a shared machine)
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     train(cfg, resume="latest")
     timings["train_s"] = round(time.time() - t0, 1)
+    timings["train_cpu_s"] = round(time.process_time() - c0, 1)
     ckpt = _final_checkpoint(run_dir, cfg.train.steps)
     if ckpt is None:
         raise StudyError(f"{run_dir}: training returned without a final checkpoint step-{cfg.train.steps:07d}")
 
     probe = None
     if is_main:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         model = inference.load(ckpt, weights="model", device=device).model
         if model.arch.is_moe:
             probe = probe_routing(model, _probe_inputs(cfg, ev.probe_batches, ev.probe_batch_size))
         del model
         timings["probe_s"] = round(time.time() - t0, 1)
+        timings["probe_cpu_s"] = round(time.process_time() - c0, 1)
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
+    sampler, steps = ev.sampler_for(cfg.diffusion.objective)      # the checkpoint's sample section says the same
     samples_dir = run_dir / "study_samples"
     several = state is not None and state.num_processes > 1
     # Several processes: each samples on its own device (Accelerate's); one process: the study's device.
@@ -135,7 +153,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
                                      classifier_accuracy=ev.classifier_accuracy)
     try:
         bundle = inference.load(ckpt, weights="ema", device=state.device if several else device)
-        settings = dataclasses.replace(bundle.defaults, sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
+        settings = dataclasses.replace(bundle.defaults, sampler=sampler, steps=steps, cfg_scale=ev.cfg_scale,
                                        seed=ev.seed, batch_size=ev.batch_size)
         info = sampling.generate(bundle, samples_dir, settings, num_samples=ev.num_samples, state=state,
                                  progress=False, evaluation=evaluation)
@@ -143,27 +161,32 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         raise StudyError(f"{run_dir}: sampling / FID failed: {e}") from e
     del bundle
     timings["sample_fid_s"] = round(time.time() - t0, 1)
+    timings["sample_fid_cpu_s"] = round(time.process_time() - c0, 1)
     barrier()
     if not is_main:
         return {}
     values = info["metrics"]
     accuracy = info["classifier_accuracy"]
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     analysis = None
     try:
-        report = analyze.analyze_checkpoint(ckpt, num_per_class=ev.analysis_per_class, sampler=ev.sampler,
-                                            num_steps=ev.steps, cfg_scale=ev.cfg_scale, seed=ev.seed, device=device)
+        report = analyze.analyze_checkpoint(ckpt, num_per_class=ev.analysis_per_class, sampler=sampler,
+                                            num_steps=steps, cfg_scale=ev.cfg_scale, seed=ev.seed, device=device)
         analysis = report["active_experts"]
     except analyze.AnalysisError:
         analysis = None          # a dense model: nothing to analyse
     analyze.plot_training_curves(run_dir)
     timings["analysis_s"] = round(time.time() - t0, 1)
+    timings["analysis_cpu_s"] = round(time.process_time() - c0, 1)
 
     result = summarize_run(run_dir, ev)
     result.update({
         "arm": arm.name, "seed": seed, "steps": cfg.train.steps, "run_dir": str(run_dir), "checkpoint": str(ckpt),
-        "model": cfg.model.name, "routing": cfg.routing.type, "default_moe": cfg.routing.default_moe,
+        "model": cfg.model.name, "objective": cfg.diffusion.objective, "sampler": sampler, "sampler_steps": steps,
+        "routing": cfg.routing.type, "default_moe": cfg.routing.default_moe,
+        "default_mode": cfg.routing.default_mode if cfg.routing.default_moe else None,
+        "lb_coef": cfg.routing.lb_coef,
         "balance_bias": cfg.routing.balance_bias,
         "ec_pool": cfg.routing.ec_pool if cfg.routing.type == "expert_choice" else None,
         "threshold": threshold if threshold is not None else (cfg.routing.threshold if cfg.routing.type == "topp" else None),
@@ -178,6 +201,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         "probe_active_per_bucket": probe["per_bucket"] if probe else None,
         "probe_unrouted_frac": probe["unrouted_frac"] if probe else None,
         "timings": timings,
+        "evaluation": _evaluation_record(ev),
     })
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
     return result
@@ -336,7 +360,7 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
     def _is_done(arm: ArmSpec, seed: int, threshold) -> bool:
         from ..training import run_dir_of
         cfg = arm_config(study, arm, seed, threshold)
-        return _load_result(run_dir_of(cfg), cfg.train.steps) is not None
+        return _load_result(run_dir_of(cfg), cfg.train.steps, study.evaluation) is not None
 
     if jobs <= 1:
         for arm, seed in tasks:
