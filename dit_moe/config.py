@@ -121,6 +121,9 @@ class TrainConfig:
     sample_every: int = 0            # 0: only at the end
     tracker: Optional[str] = "tensorboard"   # tensorboard | wandb | None
     init_from: Optional[str] = None  # a fresh run (new optimizer, step 0) from this checkpoint's weights (not --resume)
+    # torch.compile every DiT block (the MoE dispatch stays eager; dit_moe/models/compile.py). Off by default: on
+    # small CPU models the compile time is never won back and steps are not faster (docs/performance.md).
+    compile: bool = False
 
 
 # Samplers of each objective (dit_moe/sampling/solvers.py) and their default number of steps. The first one listed is
@@ -149,6 +152,7 @@ class SampleConfig:
     num_per_class: int = 8
     seed: int = 0
     batch_size: int = 64
+    compile: bool = False                     # torch.compile the blocks for sampling (same samples up to rounding)
 
 
 @dataclass

@@ -56,7 +56,24 @@ def sample_problems(s: SampleConfig, objective: Optional[str], in_channels: Opti
             problems.append(f"{name(key)}: {key}={getattr(s, key)} must be >= 1")
     if s.seed < 0:
         problems.append(f"{name('seed')}: seed={s.seed} must be >= 0")
+    if s.compile and compile_problem():
+        problems.append(f"{name('compile')}: {compile_problem()}")
     return problems
+
+
+def compile_problem() -> Optional[str]:
+    """Why torch.compile cannot run here (None if it can): inductor needs a C++ compiler for CPU code. Checked
+    before any work, so a missing compiler is one line, not a traceback at the first step."""
+    import os
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if not any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++"))):
+        return "torch.compile on the CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX); none found"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,6 +186,9 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
             bad(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 + (f"num_processes ({num_processes}) x " if num_processes else "")
                 + f"train.grad_accum ({t.grad_accum}) = {denom}")
+    if t.strategy == "fsdp" and t.compile:
+        bad("train.compile=true with train.strategy=fsdp: compiled blocks under FSDP2 have not been tested yet; "
+            "use one of the two")
     if t.strategy == "fsdp" and t.mixed_precision == "fp16":
         bad("train.strategy=fsdp with train.mixed_precision=fp16: the sharded path has no gradient scaler; use bf16")
     check("train.lr", t.lr > 0, "must be > 0")
@@ -184,6 +204,8 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
     check("train.ckpt_every", t.ckpt_every >= 1, "must be >= 1")
     check("train.keep_last", t.keep_last >= 1, "must be >= 1")
     check("train.sample_every", t.sample_every >= 0, "must be >= 0 (0: only at the end)")
+    if t.compile and compile_problem():
+        bad(f"train.compile=true: {compile_problem()}")
 
     # ----- diffusion and sample
     g = cfg.diffusion

@@ -538,7 +538,7 @@ def test_bad_study_input_exits_2_with_one_line_and_creates_nothing(tmp_path, cap
 
 @pytest.mark.parametrize("args,match", [
     (["--num-samples", "0"], "--num-samples 0 must be >= 1"),
-    (["--sampler", "euler"], "--sampler: 'euler' is a flow sampler"),
+    (["--sampler", "ddim"], "--sampler: 'ddim' is a DDPM sampler"),    # the embedded default is a flow model
     (["--steps", "0"], "--steps: steps=0 must be in [1, 1000]"),
     (["--device", "bogus"], "device 'bogus' is not a torch device"),
     (["train.steps=0"], "train.steps=0 must be >= 1"),

@@ -6,6 +6,15 @@ for Top-k (with or without a balance bias) and expert choice (both have a static
 layer for the threshold routers (their number of pairs is data-dependent). This test
 forces that path on the CPU (``USE_GROUPED_MM = True``) and records, with a TorchDispatchMode, every aten op that
 forces such a read on CUDA, plus Python-level copies of tensors to lists or NumPy (which bypass the dispatcher).
+
+Where the one sync of a threshold router is, and why: ``RouterOutput.from_mask`` reads the number of selected
+(token, expert) pairs M = mask.sum() to the host (``int(counts.sum())``, one ``_local_scalar_dense``) because
+``nonzero_static`` and every buffer after it ((M, D) gathered tokens, grouped_mm's (M, H) activations) need M as a
+Python int; without it each token would have to be padded to E experts. Expert choice needs none: M = E C is
+known from the shapes. Backward and ``routing_step`` (controller, Default MoE vectors, balance bias, statistics)
+read nothing. ``test_every_router_at_most_one_sync_per_moe_layer`` attributes each sync to the MoE layer whose
+forward made it and asserts the bound for every router and option; on a GPU, benchmarks/gpu_check.py runs
+tests/test_cuda.py, which checks Top-k with ``torch.cuda.set_sync_debug_mode("error")``.
 """
 import pytest
 import torch
@@ -66,8 +75,8 @@ def _moe_mlp(cfg, shared=0, dim=16, experts=4):
     return moe.train()
 
 
-def _tiny_dit(cfg, depth=2):
-    mc = ModelConfig(expert_hidden_ratio=2.0)
+def _tiny_dit(cfg, depth=2, shared=0):
+    mc = ModelConfig(expert_hidden_ratio=2.0, num_shared_experts=shared)
     controller = build_controller(cfg, 4, 2, depth)
     torch.manual_seed(0)
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=4, num_classes=10,
@@ -162,3 +171,74 @@ def test_routing_tap_sums_add_no_host_sync(record):
                 model(x, t, y)
     assert record.syncs == []
     assert tap.sums[..., 1].sum() == 2 * 3 * 16 * 2             # calls x samples x tokens x layers
+
+
+class LayerSyncs:
+    """Attributes each recorded sync to the MoE layer whose forward was running (None: outside every layer)."""
+
+    def __init__(self, record, model):
+        self.record, self.current, self.per_layer, self.outside = record, None, {}, []
+        self.handles = []
+        for i, layer in enumerate(moe_mod.moe_layers(model)):
+            self.handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: self._enter(i)))
+            self.handles.append(layer.register_forward_hook(lambda m, a, o: self._leave()))
+
+    def _flush(self):
+        target = self.outside if self.current is None else self.per_layer.setdefault(self.current, [])
+        target.extend(self.record.syncs)
+        self.record.syncs.clear()
+
+    def _enter(self, i):
+        self._flush()
+        self.current = i
+
+    def _leave(self):
+        self._flush()
+        self.current = None
+
+    def count(self, step, model):
+        step(model)                                               # warm-up: the one-off grouped_mm probe
+        routing_step(model)
+        self.record.syncs.clear()
+        with self.record:
+            step(model)                                           # forward + backward
+            routing_step(model)
+        self._flush()
+        for h in self.handles:
+            h.remove()
+        return self.per_layer, self.outside
+
+
+ALL_ROUTER_CASES = {
+    "topk_shared_renorm": RoutingConfig(type="topk", renormalize=True),
+    "topk_bias_default_moe": RoutingConfig(type="topk", balance_bias=True, default_moe=True),
+    "topp_kmax_default_moe": RoutingConfig(type="topp", k_max=3, default_moe=True, default_mode="grad_only"),
+    "topp_bias": RoutingConfig(type="topp", balance_bias=True),
+    "dtopp_layer_scope_kmax": RoutingConfig(type="dtopp", scope="layer", k_max=3),
+    "dtopp_bias_default_moe": RoutingConfig(type="dtopp", balance_bias=True, default_moe=True),
+    "expert_choice_batch_pool": RoutingConfig(type="expert_choice", ec_pool="batch", default_moe=True),
+    "expert_choice_sample_pool_cf2": RoutingConfig(type="expert_choice", capacity_factor=2.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALL_ROUTER_CASES))
+def test_every_router_at_most_one_sync_per_moe_layer(case, record):
+    """Bound for every router: <= 1 host read per MoE layer and forward (threshold routers: exactly the pair count
+    in from_mask), 0 for the static ones (Top-k, expert choice), 0 in backward and in routing_step."""
+    cfg = ALL_ROUTER_CASES[case]
+    depth = 3
+    model = _tiny_dit(cfg, depth=depth, shared=1 if "shared" in case else 0)
+    per_layer, outside = LayerSyncs(record, model).count(_dit_step, model)
+    assert outside == [], f"syncs outside the MoE layers' forwards (backward, routing_step, DiT): {outside}"
+    assert all(len(v) <= 1 for v in per_layer.values()), per_layer
+    expected = ["_local_scalar_dense"] if cfg.type in ("topp", "dtopp") else []
+    assert [per_layer.get(i, []) for i in range(depth)] == [expected] * depth, per_layer
+
+
+def test_layer_attribution_sees_the_segment_loop_syncs(record, monkeypatch):
+    """The bound is not vacuous: the CPU segment loop reads the sizes to the host (counts.tolist()) and exceeds it."""
+    monkeypatch.setattr(moe_mod, "USE_GROUPED_MM", False)
+    model = _tiny_dit(RoutingConfig(type="topp"), depth=2)
+    per_layer, outside = LayerSyncs(record, model).count(_dit_step, model)
+    assert outside == [] and all(len(per_layer[i]) > 1 and "Tensor.tolist" in per_layer[i] for i in range(2)), \
+        per_layer

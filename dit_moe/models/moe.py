@@ -121,7 +121,19 @@ class MoEMLP(nn.Module):
         shape = x.shape
         samples = shape[:-2].numel() if len(shape) > 2 else 1             # images: expert choice pools per image
         x = x.reshape(-1, self.dim)                                       # (N, D)
-        r = self.router(x, samples)
+        scores = self.router.scores(x)                                    # gate + softmax: compiled with the block
+        return self._routed(x, samples, scores, shape)
+
+    def _routed(self, x: torch.Tensor, samples: int, scores, shape: torch.Size) -> torch.Tensor:
+        """(N, D) -> (B, T, D) of ``shape``: selection, dispatch, combine, statistics; always eager.
+
+        Why eager: the threshold routers' pair count is data-dependent (one host read, then nonzero_static), the
+        segment loop needs host sizes, the grouped_mm probe and the RoutingTap hooks are Python; traced, these
+        would break the graph anyway, eager they make one clean break per MoE block. ``compile_blocks``
+        (dit_moe/models/compile.py) wraps this method in ``torch.compiler.disable`` -- there, not with a decorator
+        here, because the decorator imports torch._dynamo, seconds of start-up for every command.
+        """
+        r = self.router(x, samples, scores=scores)
         xs = x.index_select(0, r.token_idx)                               # (M, D), expert-contiguous
         grouped = _grouped_mm_available(self.experts, x.device, compute_dtype(x))
         ys = self.experts(xs, None if grouped else r.sizes, r.counts, r.expert_idx, grouped=grouped)   # (M, D)

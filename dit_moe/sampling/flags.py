@@ -18,7 +18,7 @@ __all__ = ["FLAGS", "add_checkpoint_arguments", "add_sampler_arguments", "add_cl
 FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg-scale",
          "guidance_channels": "--guidance-channels", "guidance_interval": "--guidance-interval",
          "time_shift": "--time-shift", "clip_denoised": "--clip-denoised", "seed": "--seed",
-         "batch_size": "--batch-size", "num_per_class": "--num-per-class"}
+         "batch_size": "--batch-size", "num_per_class": "--num-per-class", "compile": "--compile"}
 
 
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +51,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser, steps_help: str = "") -> N
                    help="DDPM samplers: clamp predicted x0 to [-1, 1] (pixel-space data; wrong for latents)")
     g.add_argument("--seed", type=int, help="global seed; sample i uses a seed derived from (seed, i)")
     g.add_argument("--batch-size", type=int, help="samples per forward pass (per process)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model's blocks before sampling (pays off for long runs on a GPU; see "
+                        "docs/performance.md)")
 
 
 def add_class_arguments(p: argparse.ArgumentParser, per_class_default: str) -> None:

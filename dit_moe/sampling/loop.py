@@ -98,6 +98,7 @@ def sample_latents(
     without one a bare model counts as DDPM unless ``settings.sampler`` is a flow sampler. ``settings`` may have
     None fields (resolved here). ``callback(call_index, timestep, x_in)`` runs before every model call (activated-
     expert meters, calibration); ``timestep`` is what the network is conditioned on (ddpm: int, flow: 1000 t).
+    ``settings.compile`` compiles the model's blocks in place (``dit_moe.models.compile``) before the first call.
     """
     C, h, w = shape
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -109,6 +110,9 @@ def sample_latents(
     settings = resolve_settings(settings, objective, C)
     if device is None:
         device = next(model.parameters()).device
+    if settings.compile:                  # in place and once: later calls (batches, the next grid) reuse the graphs
+        from ..models.compile import compile_blocks
+        compile_blocks(model)
     gens = list(generators)
     N = labels.shape[0]
     y = labels.to(device)

@@ -291,6 +291,9 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
         logger.info(sharding.describe(model))
     elif t.strategy == "fsdp":
         logger.info("train.strategy=fsdp on one process: nothing to shard, the model trains unsharded")
+    if t.compile:                            # in place: parameter names, state dicts and checkpoints unchanged
+        from ..models.compile import compile_blocks
+        compile_blocks(model)
     optimizer = build_optimizer(model.parameters(), t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(t))
     raw_model = model

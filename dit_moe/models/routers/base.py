@@ -233,13 +233,22 @@ class Router(nn.Module):
             terms["entropy"] = self.entropy_coef * mean_entropy(probs)
         return terms
 
-    def forward(self, x: torch.Tensor, samples: int = 1) -> RouterOutput:
-        """(N, D) tokens of ``samples`` images -> RouterOutput with expert-sorted pairs; aux losses in training only."""
-        if samples < 1 or x.shape[0] % samples:
-            raise ValueError(f"{x.shape[0]} tokens cannot be {samples} samples of equal length")
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) tokens -> (logits (N, E), probs (N, E)) in fp32, autocast off: the dense, static-shape part of
+        routing, which ``MoEMLP`` computes inside the compiled block (torch.compile traces it) and hands to forward."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.logits(x)
-            probs = self.probs(logits)
+            return logits, self.probs(logits)
+
+    def forward(self, x: torch.Tensor, samples: int = 1,
+                scores: tuple[torch.Tensor, torch.Tensor] | None = None) -> RouterOutput:
+        """(N, D) tokens of ``samples`` images -> RouterOutput with expert-sorted pairs; aux losses in training only.
+
+        ``scores``: ``self.scores(x)`` when the caller has computed it already (MoEMLP, so that it is compiled)."""
+        if samples < 1 or x.shape[0] % samples:
+            raise ValueError(f"{x.shape[0]} tokens cannot be {samples} samples of equal length")
+        logits, probs = self.scores(x) if scores is None else scores
+        with torch.autocast(device_type=x.device.type, enabled=False):
             out = self.route(probs, samples)
             out.logits, out.samples = logits, samples
             out.aux_loss = probs.new_zeros(())
