@@ -1,4 +1,4 @@
-"""The demo's four stages end to end on a 2-step run (the real demo trains 1500 steps): files and numbers come back."""
+"""The demo's four stages end to end on a 2-step run (the real demo trains 1000 steps): files and numbers come back."""
 import json
 from pathlib import Path
 
