@@ -37,6 +37,11 @@ def reference_digits(path: Path) -> Path:
     return path
 
 
+def guidance_text(cfg_scale: float, interval) -> str:
+    """"cfg 2.0 at t in [0.0, 0.7]": the guidance as the demo prints it (no interval at cfg 1: nothing is guided)."""
+    return f"cfg {cfg_scale}" + (" at t in [{}, {}]".format(*interval) if interval and cfg_scale != 1 else "")
+
+
 def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, num_samples: int = 1000,
              sampling_overrides: dict | None = None, device: str | None = None, weights: str = "ema",
              vae: str | None = None) -> dict:
@@ -73,9 +78,8 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
     bundle = inference.load(run_dir, weights=weights, device=device, vae=vae)
     settings = sampling.resolve_settings(dataclasses.replace(bundle.defaults, **(sampling_overrides or {})),
                                          bundle.objective, bundle.shape[0], name=lambda f: sampling.FLAGS.get(f, f))
-    guided = (f"cfg {settings.cfg_scale}" + (" at t in [{}, {}]".format(*settings.guidance_interval)
-                                             if settings.guidance_interval and settings.cfg_scale != 1 else ""))
-    print(f"[2/4] sampling a labelled grid with the EMA weights ({settings.sampler} {settings.steps} steps, {guided})")
+    print(f"[2/4] sampling a labelled grid with the EMA weights ({settings.sampler} {settings.steps} steps, "
+          f"{guidance_text(settings.cfg_scale, settings.guidance_interval)})")
     t0 = time.time()
     grid = sampling.sample_grid(bundle, settings, out=run_dir / "samples.png")
     timings["grid_s"] = round(time.time() - t0, 1)
@@ -142,9 +146,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"run folder:           {r['run_dir']}")
     print(f"samples grid:         {f['grid']}")
     print(f"digits FID:           {r['fid_digits']:.3f}  ({r['num_samples']} samples, {r['objective']} model, "
-          f"{r['sampler']} {r['steps']} steps, cfg {r['cfg_scale']}"
-          + (" at t in [{}, {}]".format(*r["guidance_interval"]) if r["guidance_interval"] else "")
-          + ", features: digits-cnn)")
+          f"{r['sampler']} {r['steps']} steps, {guidance_text(r['cfg_scale'], r['guidance_interval'])}, "
+          "features: digits-cnn)")
     print(f"classifier accuracy:  {100 * r['classifier_accuracy']:.1f}% of samples show the requested digit")
     print(f"metrics:              {f['metrics']}")
     print(f"training log:         {f['metrics_log']}")
