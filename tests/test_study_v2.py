@@ -55,8 +55,8 @@ def test_every_v2_arm_runs_under_either_objective(objective):
 
 
 def test_v2_smoke_run_and_resume(tmp_path):
-    spec = study.load_study(V2, TINY, output=str(tmp_path / "out"))
-    spec.seeds = [0]
+    spec = study.load_study(V2, TINY, output=str(tmp_path / "out"), records=str(tmp_path / "records"))
+    spec.seeds, spec.sweep = [0], None
     spec.evaluation = dataclasses.replace(spec.evaluation, steps=2, flow_steps=2, num_samples=20, batch_size=20,
                                           analysis_per_class=1, probe_batches=1, probe_batch_size=16, timing_steps=2)
     summary = study.run_study(spec, only_arms=SMOKE_ARMS, plots_dir=tmp_path / "plots")
@@ -91,5 +91,10 @@ def test_v2_smoke_run_and_resume(tmp_path):
     assert again["paired"]["dense"]["metrics"]["fid"]["diffs"] == fid["diffs"]
     # A later sitting with other evaluation settings does not mix them into the table: it names the difference.
     spec.evaluation = dataclasses.replace(spec.evaluation, num_samples=10)
+    with pytest.raises(study.StudyError, match=r"other evaluation settings \(evaluation.num_samples: 20 in the "
+                                               r"record, 10 now\)"):
+        study.run_study(spec, only_arms=SMOKE_ARMS)
+    # Without records, the run folder's own result is checked the same way.
+    spec.records = None
     with pytest.raises(study.StudyError, match="evaluated with other settings .*num_samples: 20 then, 10 now"):
         study.run_study(spec, only_arms=SMOKE_ARMS)

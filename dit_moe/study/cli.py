@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="study YAML (e.g. configs/study-digits.yaml)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes; cores split evenly)")
     p.add_argument("--output", help="override the study's output folder")
+    p.add_argument("--records", help="override the study's records folder (one JSON per finished run, kept in git)")
     p.add_argument("--plots-dir", type=Path, help="write the PNGs here (default <output>/plots)")
     p.add_argument("--arms", nargs="+", help="run only these arms (and their calibration sources)")
     p.add_argument("--seeds", type=int, nargs="+", help="run and report only these seeds (default: the config's)")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> dict:
 
     check_at_least("--jobs", args.jobs, 1, StudyError)
     check_output_dir("--plots-dir", args.plots_dir, StudyError)
-    study = load_study(args.config, args.overrides, args.output)
+    study = load_study(args.config, args.overrides, args.output, args.records)
     if args.seeds:
         if len(set(args.seeds)) != len(args.seeds):
             raise StudyError(f"--seeds {args.seeds}: seeds must be distinct")

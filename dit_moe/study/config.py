@@ -7,6 +7,8 @@ pass for what a type cannot say, and every arm's experiment config resolved befo
     seeds: [0, 1, 2]
     evaluation: {sampler: ddim, steps: 50, flow_sampler: euler, num_samples: 500, ...}   # EvalSpec; keys optional
     comparison: {baseline: topk, confidence: 0.95, interactions: [...]}            # ComparisonSpec; optional
+    records: docs/study/records     # one JSON per finished (arm, seed), kept in git (dit_moe/study/records.py)
+    sweep: {arms: [dtopp, topk], targets: [1.0, 2.0, 4.0], top_k: [1, 2, 4]}     # SweepSpec; optional
     arms:
       - {name: topk, overrides: [routing.type=topk], description: "..."}
       - {name: topp-cal, overrides: [routing.type=topp], calibrate: {from: topp-0.4, target: 2.0}}
@@ -29,11 +31,12 @@ from ..config import (SAMPLERS, ConfigError, DiffusionConfig, ExperimentConfig, 
 from ..errors import DitMoeError
 
 __all__ = ["StudyError", "BaseSpec", "CalibrationSpec", "ArmSpec", "EvalSpec", "InteractionSpec", "ComparisonSpec",
-           "StudyFile", "StudyConfig", "RESULT_FILE", "CALIBRATION_FILE", "study_problems", "load_study", "arm_config",
-           "arm_objective"]
+           "SweepSpec", "StudyFile", "StudyConfig", "RESULT_FILE", "CALIBRATION_FILE", "TIMING_FILE",
+           "study_problems", "load_study", "arm_config", "arm_objective"]
 
 RESULT_FILE = "study_result.json"         # <output>/runs/<arm>-s<seed>/: one finished run's numbers
-CALIBRATION_FILE = "calibration.json"     # <output>/: calibrated Top-p thresholds
+CALIBRATION_FILE = "calibration.json"     # <output>/ and <records>/: calibrated Top-p thresholds
+TIMING_FILE = "timing.json"               # <output>/ and <records>/: the timing pass (s/step per arm)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -128,6 +131,26 @@ class ArmSpec:
 
 
 @dataclass
+class SweepSpec:
+    """Compute against quality at sampling time, on each final model of ``arms`` (EMA weights, the study's sampler,
+    CFG, seed and reference): DTop-p arms are re-targeted to each of ``targets`` experts per token (the threshold
+    calibrated on the model's own sampling trajectory, as ``dit-moe sample --target-experts`` does); Top-k arms
+    sample with each k of ``top_k`` (the router takes any k; its weights stay the raw softmax probabilities). Not an
+    evaluation setting: a run's table numbers do not depend on it, and a record without it is completed when its
+    checkpoint is still there."""
+    arms: list[str]
+    targets: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0])    # DTop-p arms
+    top_k: list[int] = field(default_factory=lambda: [1, 2, 3, 4])                     # Top-k arms
+    num_samples: Optional[int] = None             # per point; default evaluation.num_samples
+    calibration_samples: int = 16                 # DTop-p: trajectories the threshold is bisected on
+
+    def settings(self, ev: "EvalSpec") -> dict:
+        """What a recorded sweep must match to be reused."""
+        return {"targets": [float(t) for t in self.targets], "top_k": [int(k) for k in self.top_k],
+                "num_samples": self.num_samples or ev.num_samples, "calibration_samples": self.calibration_samples}
+
+
+@dataclass
 class BaseSpec:
     """The experiment every arm starts from: a config file (None: the defaults) and dotted overrides."""
     config: Optional[str] = None
@@ -147,6 +170,8 @@ class StudyFile:
     output: Optional[str] = None
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     comparison: ComparisonSpec = field(default_factory=ComparisonSpec)
+    records: Optional[str] = None         # folder of the per-run records (relative: to the current directory)
+    sweep: Optional[SweepSpec] = None
 
 
 @dataclass
@@ -161,6 +186,8 @@ class StudyConfig:
     evaluation: EvalSpec
     path: Optional[Path] = None           # the YAML file
     comparison: ComparisonSpec = field(default_factory=ComparisonSpec)
+    records: Optional[Path] = None        # None: results live in the run folders only
+    sweep: Optional[SweepSpec] = None
 
     def arm(self, name: str) -> ArmSpec:
         for a in self.arms:
@@ -224,14 +251,31 @@ def study_problems(spec: StudyFile) -> list[str]:
             for n in pair:
                 if n not in names:
                     bad(f"comparison.interactions[{i}].{key}: no arm named {n!r}; arms: {', '.join(names)}")
+    sw = spec.sweep
+    if sw is not None:
+        for n in sw.arms:
+            if n not in names:
+                bad(f"sweep.arms: no arm named {n!r}; arms: {', '.join(names)}")
+        if not sw.arms:
+            bad("sweep.arms must name at least one arm")
+        if not sw.targets or not all(math.isfinite(t) and t >= 1 for t in sw.targets):
+            bad(f"sweep.targets must be a non-empty list of numbers >= 1, got {sw.targets!r}")
+        if not sw.top_k or not all(k >= 1 for k in sw.top_k):
+            bad(f"sweep.top_k must be a non-empty list of integers >= 1, got {sw.top_k!r}")
+        if sw.num_samples is not None and sw.num_samples < 1:
+            bad(f"sweep.num_samples={sw.num_samples} must be >= 1")
+        if sw.calibration_samples < 1:
+            bad(f"sweep.calibration_samples={sw.calibration_samples} must be >= 1")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         bad(f"duplicate arm name(s) {', '.join(dup)}")
     return problems
 
 
-def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional[str] = None) -> StudyConfig:
-    """Read and validate a study YAML; ``overrides`` (``section.key=value``) are appended to the base overrides.
+def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional[str] = None,
+               records: Optional[str] = None) -> StudyConfig:
+    """Read and validate a study YAML; ``overrides`` (``section.key=value``) are appended to the base overrides;
+    ``output`` and ``records`` replace the file's folders.
 
     Every arm's experiment config is resolved here, so a typo in any arm fails before any compute is spent.
     Relative paths in the file (base config, output, reference) are relative to the current directory, except a
@@ -266,13 +310,34 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
     study = StudyConfig(
         name=spec.name or path.stem, output=Path(output or spec.output or f"runs/{path.stem}"),
         base_config=base_config, base_overrides=spec.base.overrides + list(overrides), seeds=list(spec.seeds),
-        arms=spec.arms, evaluation=spec.evaluation, path=path, comparison=spec.comparison)
+        arms=spec.arms, evaluation=spec.evaluation, path=path, comparison=spec.comparison,
+        records=Path(records or spec.records) if (records or spec.records) else None, sweep=spec.sweep)
     for arm in study.arms:
         cfg = arm_config(study, arm, study.seeds[0], threshold=0.5 if arm.calibrate_from else None)
         if arm.calibrate_from is not None and cfg.routing.type != "topp":
             raise StudyError(f"{path}: arm {arm.name!r} has a calibrated threshold but routing.type "
                              f"{cfg.routing.type!r}; calibration sets the fixed Top-p threshold (routing.type=topp)")
+        if study.sweep is not None and arm.name in study.sweep.arms:
+            _check_sweep_arm(study, arm, cfg)
     return study
+
+
+def _check_sweep_arm(study: StudyConfig, arm: ArmSpec, cfg: ExperimentConfig) -> None:
+    from ..registry import parse_name
+
+    sw, where = study.sweep, f"{study.path}: sweep.arms: arm {arm.name!r}"
+    num_experts = parse_name(cfg.model.name).num_experts
+    if cfg.routing.type == "dtopp":
+        bad = [t for t in sw.targets if t > num_experts]
+        if bad:
+            raise StudyError(f"{where}: sweep.targets {bad} exceed its {num_experts} experts")
+    elif cfg.routing.type == "topk" and num_experts > 1:
+        bad = [k for k in sw.top_k if k > num_experts]
+        if bad:
+            raise StudyError(f"{where}: sweep.top_k {bad} exceed its {num_experts} experts")
+    else:
+        kind = "dense" if num_experts == 1 else f"routing.type {cfg.routing.type!r}"
+        raise StudyError(f"{where} is {kind}; the sweep re-targets DTop-p (dtopp) and Top-k (topk) models only")
 
 
 def arm_objective(study: StudyConfig, arm: ArmSpec) -> str:

@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import ExperimentConfig
-from .config import CALIBRATION_FILE, RESULT_FILE, ArmSpec, EvalSpec, StudyConfig, StudyError, arm_config
+from .config import CALIBRATION_FILE, RESULT_FILE, TIMING_FILE, ArmSpec, EvalSpec, StudyConfig, StudyError, arm_config
+from .records import read_cache, read_record, record_path, toolkit_info, write_cache, write_record
 from .report import aggregate, write_report
+from .sweep import compute_sweep, routing_state
 
 __all__ = ["probe_routing", "calibrate_topp_threshold", "run_arm", "summarize_run", "check_inputs", "run_study",
            "time_arms"]
@@ -105,25 +107,99 @@ def _load_result(run_dir: Path, steps: int, ev: EvalSpec) -> Optional[dict]:
     return result
 
 
+def _record_file(study: StudyConfig, arm: ArmSpec, seed: int) -> Optional[Path]:
+    return record_path(study.records, arm.name, seed) if study.records is not None else None
+
+
+def _finished(study: StudyConfig, arm: ArmSpec, seed: int, cfg: ExperimentConfig) -> Optional[dict]:
+    """The numbers of a finished (arm, seed): its record (checked against the study now) or, without one, the
+    finished run folder's study_result.json; None when the run has to (continue to) train."""
+    from ..training import run_dir_of
+
+    f = _record_file(study, arm, seed)
+    if f is not None and f.is_file():
+        return read_record(f, arm.name, seed, _evaluation_record(study.evaluation), cfg.to_dict(),
+                           ExperimentConfig().to_dict())
+    return _load_result(run_dir_of(cfg), cfg.train.steps, study.evaluation)
+
+
+def _missing(study: StudyConfig, arm: ArmSpec, seed: int, result: Optional[dict], ckpt: Optional[Path]) -> list[str]:
+    """What a finished run still lacks and can still get: read-outs that need the checkpoint (when it is there) and
+    its record. A record whose checkpoint is gone (a fresh clone) is complete as it is."""
+    if result is None:
+        return ["run"]
+    todo = []
+    if ckpt is not None:
+        if "routing_state" not in result:
+            todo.append("routing_state")
+        sw = study.sweep
+        if sw is not None and arm.name in sw.arms and (result.get("sweep") or {}).get("settings") != sw.settings(study.evaluation):
+            todo.append("sweep")
+    f = _record_file(study, arm, seed)
+    if f is not None and (todo or not f.is_file()):
+        todo.append("record")
+    return todo
+
+
 def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[float] = None, state=None,
             device: Optional[str] = None) -> dict:
-    """Train, probe, sample, evaluate and analyse one (arm, seed); returns (and writes) its study_result.json."""
+    """Train, probe, sample, evaluate and analyse one (arm, seed), then take the read-outs that need its checkpoint
+    (routing state, compute sweep); returns its numbers, written to the run's study_result.json and its record."""
     import torch
 
+    from ..training import run_dir_of
+
+    is_main = state is None or state.is_main_process
+    cfg = arm_config(study, arm, seed, threshold)
+    run_dir = run_dir_of(cfg)
+    result = _finished(study, arm, seed, cfg)
+    ckpt = _final_checkpoint(run_dir, cfg.train.steps)
+    todo = _missing(study, arm, seed, result, ckpt)
+    if not todo:
+        result["skipped"] = True
+        return result
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if result is None:
+        result = _train_and_evaluate(study, arm, seed, cfg, threshold, state, device)
+        ckpt = _final_checkpoint(run_dir, cfg.train.steps)
+        todo = _missing(study, arm, seed, result, ckpt)
+    if not is_main:
+        return {}
+    timings = result.setdefault("timings", {})
+    if "routing_state" in todo:
+        samples = run_dir / "study_samples" / "samples.json"
+        state_ = routing_state(cfg, ckpt, run_dir, study.evaluation.active_fraction,
+                               json.loads(samples.read_text()) if samples.is_file() else None)
+        result["routing_state"] = state_
+    if "sweep" in todo:
+        result["sweep"] = compute_sweep(study, arm, cfg, ckpt, run_dir, result, _reference_path(study), device)
+        timings["sweep_s"], timings["sweep_cpu_s"] = result["sweep"]["seconds"], result["sweep"]["cpu_seconds"]
+    result.setdefault("config", cfg.to_dict())
+    result.setdefault("regenerate", f"dit-moe study {study.path} --arms {arm.name} --seeds {seed}")
+    if "toolkit" not in result:
+        # A result evaluated before results carried the toolkit: say which toolkit wrote the record, not the run.
+        result["toolkit"] = {"version": None, "commit": None, "record_written_by": toolkit_info()}
+    if ckpt is not None:
+        (run_dir / RESULT_FILE).write_text(json.dumps({k: v for k, v in result.items() if k != "skipped"}, indent=1))
+    f = _record_file(study, arm, seed)
+    if f is not None:
+        write_record(f, result)
+    return result
+
+
+def _train_and_evaluate(study: StudyConfig, arm: ArmSpec, seed: int, cfg: ExperimentConfig,
+                        threshold: Optional[float], state, device: str) -> dict:
+    """Train, probe, sample + FID, analyse: the table's numbers of one run (every process takes part; the main
+    process gets them, the others {})."""
     from .. import analyze, inference, sampling
     from ..training import run_dir_of, train
 
     is_main = state is None or state.is_main_process
     barrier = (lambda: state.wait_for_everyone()) if state is not None else (lambda: None)
-    cfg = arm_config(study, arm, seed, threshold)
     run_dir = run_dir_of(cfg)
-    done = _load_result(run_dir, cfg.train.steps, study.evaluation)
-    if done is not None:
-        done["skipped"] = True
-        return done
     ev = study.evaluation
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     timings = {}        # wall seconds per stage, and this process's CPU seconds (the cost on a shared machine)
+    toolkit = toolkit_info()
 
     t0, c0 = time.time(), time.process_time()
     train(cfg, resume="latest")
@@ -202,6 +278,9 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
         "probe_unrouted_frac": probe["unrouted_frac"] if probe else None,
         "timings": timings,
         "evaluation": _evaluation_record(ev),
+        "config": cfg.to_dict(),
+        "toolkit": toolkit,
+        "regenerate": f"dit-moe study {study.path} --arms {arm.name} --seeds {seed}",
     })
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
     return result
@@ -241,15 +320,24 @@ def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
     from ..training import run_dir_of
 
     file = study.output / CALIBRATION_FILE
-    cache = json.loads(file.read_text()) if file.is_file() else {}
+    cache = read_cache(file)
     src = study.arm(arm.calibrate_from)
     src_cfg = arm_config(study, src, study.seeds[0])
+    key = f"{arm.name}"
+    # The records' threshold first: the recorded runs of this arm were trained with it (a fresh clone has no
+    # checkpoint of the source to calibrate on, and a re-calibration on another machine could differ in the last bit).
+    recorded = read_cache(study.records / CALIBRATION_FILE) if study.records is not None else {}
+    entry = recorded.get(key)
+    if entry and entry.get("target") == arm.calibrate_target and entry.get("source_arm") == src.name \
+            and entry.get("source_seed") == study.seeds[0]:
+        return entry["threshold"]
     ckpt = _final_checkpoint(run_dir_of(src_cfg), src_cfg.train.steps)
     if ckpt is None:
         raise StudyError(f"arm {arm.name!r}: calibration source {src.name!r} seed {study.seeds[0]} has not finished")
-    key = f"{arm.name}"
     entry = cache.get(key)
     if entry and entry.get("source_checkpoint") == str(ckpt) and entry.get("target") == arm.calibrate_target:
+        if study.records is not None:
+            write_cache(study.records / CALIBRATION_FILE, {**recorded, key: entry})
         return entry["threshold"]
     model = load(ckpt, weights="model", device=device).model
     ev = study.evaluation
@@ -258,8 +346,9 @@ def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
     result.update(source_arm=src.name, source_seed=study.seeds[0], source_checkpoint=str(ckpt),
                   source_threshold=src_cfg.routing.threshold)
     cache[key] = result
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(cache, indent=1))
+    write_cache(file, cache)
+    if study.records is not None:
+        write_cache(study.records / CALIBRATION_FILE, {**recorded, key: result})
     print(f"[study] calibrated Top-p threshold for {arm.name}: p = {result['threshold']:.4f} gives "
           f"{result['measured']:.3f} experts/token on {src.name}-s{study.seeds[0]}'s final model "
           f"(trained with p = {src_cfg.routing.threshold})", flush=True)
@@ -358,9 +447,11 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
         return box[0]
 
     def _is_done(arm: ArmSpec, seed: int, threshold) -> bool:
+        """Nothing left to do for this (arm, seed) (a worker process is not worth starting)."""
         from ..training import run_dir_of
         cfg = arm_config(study, arm, seed, threshold)
-        return _load_result(run_dir_of(cfg), cfg.train.steps, study.evaluation) is not None
+        return not _missing(study, arm, seed, _finished(study, arm, seed, cfg),
+                            _final_checkpoint(run_dir_of(cfg), cfg.train.steps))
 
     if jobs <= 1:
         for arm, seed in tasks:
@@ -422,11 +513,18 @@ def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, threshol
 
     is_main = state is None or state.is_main_process
     steps = study.evaluation.timing_steps
-    file = study.output / "timing.json"
-    cache = json.loads(file.read_text()) if file.is_file() else {}
+    file = study.output / TIMING_FILE
+    # The records' timings are reused whatever thread count measured them (the key says it): a study re-read in a
+    # fresh clone reports the same numbers instead of timing the arms again on another machine.
+    records = study.records / TIMING_FILE if study.records is not None else None
+    recorded = read_cache(records)
+    cache = {**read_cache(file), **recorded}
     out = {}
     for arm in arms:
         key = f"{arm.name}@{steps}@{device}@{torch.get_num_threads()}threads"
+        found = [k for k in recorded if k.startswith(f"{arm.name}@{steps}@{device}@")]
+        if key not in cache and found:
+            key = found[0]
         if key not in cache:
             cfg = arm_config(study, arm, study.seeds[0], thresholds.get(arm.name))
             cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = steps, max(1, steps // 4), steps
@@ -441,7 +539,10 @@ def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, threshol
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             cache[key] = float(np.median([1.0 / r["steps_per_sec"] for r in rows[1:]] or [1.0 / rows[0]["steps_per_sec"]]))
             if is_main:
-                file.write_text(json.dumps(cache, indent=1))
+                write_cache(file, cache)
+                if records is not None:
+                    recorded[key] = cache[key]
+                    write_cache(records, recorded)
                 print(f"[study] timing {arm.name}: {cache[key]:.3f} s/step", flush=True)
         out[arm.name] = cache[key]
     return out
