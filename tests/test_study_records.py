@@ -19,6 +19,7 @@ def _tiny(tmp_path, records=None, seeds=(0,)):
     spec.evaluation = dataclasses.replace(spec.evaluation, steps=2, flow_steps=2, num_samples=20, batch_size=20,
                                           analysis_per_class=1, probe_batches=1, probe_batch_size=16, timing_steps=2)
     spec.sweep = SweepSpec(arms=["dtopp", "topk"], targets=[1.0, 3.0], top_k=[1, 2], calibration_samples=2)
+    spec.report = tmp_path / "report"
     return spec
 
 
@@ -27,7 +28,7 @@ def recorded(tmp_path_factory):
     """A tiny study of topk, dtopp and expert-choice (seed 0), run once: (tmp folder, spec, summary)."""
     tmp = tmp_path_factory.mktemp("records")
     spec = _tiny(tmp)
-    summary = study.run_study(spec, only_arms=["topk", "dtopp", "expert-choice"], plots_dir=tmp / "plots")
+    summary = study.run_study(spec, only_arms=["topk", "dtopp", "expert-choice"])
     return tmp, spec, summary
 
 
@@ -58,6 +59,20 @@ def test_records_hold_what_the_report_needs(recorded):
     ec = json.loads((tmp / "records" / "expert-choice" / "seed-0.json").read_text())
     assert "sweep" not in ec and ec["routing_state"]["sample_active_per_layer"]
     assert (tmp / "records" / "timing.json").is_file()
+
+
+def test_report_has_per_seed_per_layer_and_sweep_parts(recorded):
+    tmp, _, summary = recorded
+    md = (tmp / "report" / "results.md").read_text()
+    assert md == (tmp / "out" / "results.md").read_text()
+    for part in ("## Per seed", "## Per layer", "layers at the DRN bound", "DRN scale bound",
+                 "## Compute against quality at sampling time", "| dtopp | target 3 |", "| topk | k = 2 (trained) |"):
+        assert part in md, part
+    assert {p.name for p in (tmp / "report").glob("*.png")} >= {"compute_quality.png", "active_per_layer.png",
+                                                                "fid.png", "paired.png"}
+    sw = summary["sweep"]["dtopp"]
+    assert sw["kind"] == "target_experts" and [p["target_experts"] for p in sw["points"]] == [1.0, 3.0]
+    assert summary["layers"]["dtopp"]["drn_scale"] and "drn_scale" not in summary["layers"]["topk"]
 
 
 def test_fresh_clone_skips_recorded_runs_and_runs_the_rest(recorded, tmp_path):

@@ -56,7 +56,7 @@ def test_every_v2_arm_runs_under_either_objective(objective):
 
 def test_v2_smoke_run_and_resume(tmp_path):
     spec = study.load_study(V2, TINY, output=str(tmp_path / "out"), records=str(tmp_path / "records"))
-    spec.seeds, spec.sweep = [0], None
+    spec.seeds, spec.sweep, spec.report = [0], None, None
     spec.evaluation = dataclasses.replace(spec.evaluation, steps=2, flow_steps=2, num_samples=20, batch_size=20,
                                           analysis_per_class=1, probe_batches=1, probe_batch_size=16, timing_steps=2)
     summary = study.run_study(spec, only_arms=SMOKE_ARMS, plots_dir=tmp_path / "plots")

@@ -8,6 +8,7 @@ pass for what a type cannot say, and every arm's experiment config resolved befo
     evaluation: {sampler: ddim, steps: 50, flow_sampler: euler, num_samples: 500, ...}   # EvalSpec; keys optional
     comparison: {baseline: topk, confidence: 0.95, interactions: [...]}            # ComparisonSpec; optional
     records: docs/study/records     # one JSON per finished (arm, seed), kept in git (dit_moe/study/records.py)
+    report: docs/study              # results.md and the PNGs (--plots-dir overrides)
     sweep: {arms: [dtopp, topk], targets: [1.0, 2.0, 4.0], top_k: [1, 2, 4]}     # SweepSpec; optional
     arms:
       - {name: topk, overrides: [routing.type=topk], description: "..."}
@@ -171,6 +172,7 @@ class StudyFile:
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     comparison: ComparisonSpec = field(default_factory=ComparisonSpec)
     records: Optional[str] = None         # folder of the per-run records (relative: to the current directory)
+    report: Optional[str] = None          # folder of results.md and the PNGs (default: <output>, <output>/plots)
     sweep: Optional[SweepSpec] = None
 
 
@@ -187,6 +189,7 @@ class StudyConfig:
     path: Optional[Path] = None           # the YAML file
     comparison: ComparisonSpec = field(default_factory=ComparisonSpec)
     records: Optional[Path] = None        # None: results live in the run folders only
+    report: Optional[Path] = None         # results.md + PNGs (None: <output>/plots)
     sweep: Optional[SweepSpec] = None
 
     def arm(self, name: str) -> ArmSpec:
@@ -311,7 +314,8 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
         name=spec.name or path.stem, output=Path(output or spec.output or f"runs/{path.stem}"),
         base_config=base_config, base_overrides=spec.base.overrides + list(overrides), seeds=list(spec.seeds),
         arms=spec.arms, evaluation=spec.evaluation, path=path, comparison=spec.comparison,
-        records=Path(records or spec.records) if (records or spec.records) else None, sweep=spec.sweep)
+        records=Path(records or spec.records) if (records or spec.records) else None,
+        report=Path(spec.report) if spec.report else None, sweep=spec.sweep)
     for arm in study.arms:
         cfg = arm_config(study, arm, study.seeds[0], threshold=0.5 if arm.calibrate_from else None)
         if arm.calibrate_from is not None and cfg.routing.type != "topp":

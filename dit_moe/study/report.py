@@ -15,8 +15,9 @@ from ..config import load_config
 from .config import CALIBRATION_FILE, StudyConfig, arm_objective
 from .paired import (PAIRED_METRICS, better_text, compare_arms, interaction, interaction_statement, interval_text,
                      statement)
+from .readouts import layer_summary, layer_table, per_seed_table, plot_layers, plot_sweep, sweep_summary, sweep_table
 
-__all__ = ["STAT_KEYS", "aggregate", "results_table", "paired_tables", "plot_study", "write_report"]
+__all__ = ["STAT_KEYS", "aggregate", "results_table", "paired_tables", "plot_study", "report_text", "write_report"]
 
 
 STAT_KEYS = ("final_loss", "fid", "classifier_accuracy", "train_active_mean", "train_active_step_std",
@@ -71,8 +72,10 @@ def aggregate(study: StudyConfig, runs: list[dict], timing: Optional[dict] = Non
         "comparison": {"confidence": cmp.confidence, "rule": "resolved = the paired t interval excludes 0"},
         "paired": compare_arms(runs, pairs, cmp.confidence),
         "interactions": [i for i in interactions if i is not None],
-        "runs": [{k: v for k, v in r.items() if k not in ("curve", "evaluation")} for r in runs],
+        "runs": [{k: v for k, v in r.items() if k not in ("curve", "evaluation", "config")} for r in runs],
         "curves": {f"{r['arm']}-s{r['seed']}": r["curve"] for r in runs},
+        "layers": layer_summary(runs),
+        "sweep": sweep_summary(runs),
     }
 
 
@@ -293,17 +296,37 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
         files.append(out_dir / "paired.png")
         fig.savefig(files[-1], dpi=120)
         plt.close(fig)
+    files += [p for p in (plot_layers(summary.get("layers"), out_dir), plot_sweep(summary.get("sweep"), out_dir)) if p]
     return files
 
 
+def report_text(summary: dict) -> str:
+    """results.md: the arm table, per-seed values, paired comparisons, per-layer routing, compute/quality sweep."""
+    parts = [f"# {summary['name']}", "", "Mean ± std over seeds (ddof 1).", "", results_table(summary), "",
+             "## Per seed", "", per_seed_table(summary["runs"])]
+    paired = paired_tables(summary)
+    if paired:
+        parts += ["", "## Paired against the baseline", "", paired]
+    layers = layer_table(summary.get("layers") or {})
+    if layers:
+        parts += ["", "## Per layer (mean over seeds)", "", layers]
+    sweep = sweep_table(summary.get("sweep") or {})
+    if sweep:
+        parts += ["", "## Compute against quality at sampling time", "", sweep]
+    return "\n".join(parts) + "\n"
+
+
 def write_report(study: StudyConfig, summary: dict, plots_dir: Optional[Path] = None) -> dict:
-    """results.json, results.md (table) in the output folder; the PNGs into ``plots_dir`` (default <output>/plots)."""
+    """results.json, results.md in the output folder; the PNGs, and a copy of results.md, into ``plots_dir`` (default:
+    the study's ``report`` folder; without one, <output>/plots and no copy)."""
     out = study.output
-    plots = plot_study(summary, Path(plots_dir) if plots_dir else out / "plots")
+    report_dir = Path(plots_dir) if plots_dir else study.report
+    plots = plot_study(summary, report_dir or out / "plots")
     summary["plots"] = [str(p) for p in plots]
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    table = results_table(summary)
-    paired = paired_tables(summary)
-    (out / "results.md").write_text(f"# {summary['name']}\n\n{table}\n" + (f"\n{paired}\n" if paired else ""))
-    print(table + (f"\n\n{paired}" if paired else ""))
+    text = report_text(summary)
+    (out / "results.md").write_text(text)
+    if report_dir is not None:
+        (report_dir / "results.md").write_text(text)
+    print(text)
     return summary
