@@ -147,3 +147,53 @@ def test_study_config_goes_through_the_experiment_config_schema(tmp_path):
         {"name": "c", "overrides": ["routing.type=topp"], "calibrate": {"from": "p", "target": 3}}]}, where="")
     assert (spec.arms[1].calibrate_from, spec.arms[1].calibrate_target, spec.arms[0].calibrate_from) == ("p", 3.0, None)
     assert spec.evaluation == study.EvalSpec() and spec.base.overrides == [] and spec.arms[0].description == ""
+
+
+def test_sigterm_to_the_study_stops_its_workers_with_a_checkpoint(tmp_path):
+    """`kill PID` of `dit-moe study --jobs 2` reaches the worker processes: both runs in flight checkpoint, the study
+    exits with 128 + 15, and no worker is left training (a later invocation would find its run folder locked)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = SHORT.format(out=tmp_path / "out", root=ROOT).replace("train.steps=4", "train.steps=100000")
+    cfg = _write(tmp_path, text.replace("train.ckpt_every=4", "train.ckpt_every=100000"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dit_moe", "study", str(cfg), "--jobs", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [tmp_path / "out" / "runs" / f"{a}-s0" / "metrics.jsonl" for a in ("topk", "dtopp")]
+    while not all(f.is_file() for f in logs) and proc.poll() is None:
+        time.sleep(0.5)
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *children]:       # leave no worker training 100000 steps behind a failed test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        raise
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by SIGTERM" in out.splitlines()[-1]
+    for a in ("topk", "dtopp"):
+        assert list((tmp_path / "out" / "runs" / f"{a}-s0" / "checkpoints").glob("step-*")), a
+
+    def alive():
+        out = []
+        for c in children:
+            try:
+                if "zombie" not in Path(f"/proc/{c}/status").read_text().lower():
+                    out.append(c)
+            except OSError:
+                pass
+        return out
+
+    deadline = time.time() + 60        # multiprocessing's resource tracker leaves once it sees its pipe close
+    while alive() and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(children) >= 2 and not alive()

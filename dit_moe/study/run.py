@@ -7,10 +7,14 @@ arm, and hands the results to ``report`` (aggregate, table, plots).
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
+import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import ExperimentConfig
+from ..errors import TrainingInterrupted
 from .config import CALIBRATION_FILE, RESULT_FILE, TIMING_FILE, ArmSpec, EvalSpec, StudyConfig, StudyError, arm_config
 from .records import read_cache, read_record, record_path, toolkit_info, write_cache, write_record
 from .report import aggregate, write_report
@@ -355,6 +360,24 @@ def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
     return result["threshold"]
 
 
+@contextlib.contextmanager
+def _stop_workers_on_sigterm():
+    """SIGTERM to the study process reaches its worker processes too (``kill PID`` signals one process, not its
+    group): each finishes its step and checkpoints, the pool waits for them, and the study stops with exit code
+    128 + 15 -- instead of workers training on, orphaned, while a restarted study finds their run folders locked."""
+    def handler(signum, frame):
+        for child in mp.active_children():
+            child.terminate()
+        raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name}: the runs in flight saved a checkpoint; "
+                                  "run the same command to continue", signum, 0, None)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _worker_init(threads: int) -> None:
     import torch
     torch.set_num_threads(threads)
@@ -458,14 +481,11 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
             print(f"[study] {arm.name} seed {seed} ({time.time() - t_start:.0f} s into the study)", flush=True)
             results[(arm.name, seed)] = run_arm(study, arm, seed, threshold_for(arm), state=state, device=device)
     else:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
         threads = max(1, (os.cpu_count() or 1) // jobs)
         pending = list(tasks)
         running = {}
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                    initargs=(threads,)) as pool:
+                                    initargs=(threads,)) as pool, _stop_workers_on_sigterm():
             while pending or running:
                 for arm, seed in list(pending):
                     if len(running) >= jobs:
