@@ -351,8 +351,61 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         d.setdefault(section, {})
         if d[section] is None:
             d[section] = {}
+        if not isinstance(d[section], dict):
+            raise ConfigError(f"override {item!r}: section {section!r} is a {type(d[section]).__name__} in the "
+                              f"config file, expected a mapping of keys")
         d[section][name] = CliText(text)
     return d
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently, so
+    `steps: 1000` ... `steps: 4` would train 4 steps)."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue                      # `<<: *base` merges: later keys override merged ones on purpose
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:
+            continue                      # an unhashable key: the safe constructor names it below
+        if first != key_node.start_mark.line + 1:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line {first})",
+                                                    key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def read_yaml(path: str | Path, error: type[Exception] = None):
+    """The YAML document of a user's file, or one line naming the file and the problem (``error``, default
+    ConfigError): not found, not UTF-8 (with the byte offset), not valid YAML or a duplicate key (with the line)."""
+    error = error or ConfigError
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise error(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, expected a YAML file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        raise error(f"{path}: not valid YAML: {what}{where}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -360,12 +413,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     d: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.is_file() and not path.is_dir():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        d = read_yaml(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(d).__name__}")
     d = apply_overrides(d, overrides or [])

@@ -178,6 +178,8 @@ def test_bad_evaluate_input_exits_2_with_one_line(tmp_path, capsys):
         ([gen, gen, "--extractor", "nope"], "unknown feature extractor 'nope'"),
         ([gen, str(broken)], "00000.png cannot be read"),
         ([gen, gen, "--metrics", "isc"], "isc needs at least 10 generated images"),
+        ([gen, gen, "--metrics", "kid", "--kid-subset-size", "5"],
+         f"--kid-subset-size 5 is larger than the 4 images of the generated set {gen}; use at most 4"),
     ]
     before = sorted(tmp_path.rglob("*"))
     for args, match in cases:

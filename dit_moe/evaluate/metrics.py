@@ -147,6 +147,14 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
         _plan_side(plan, role, src, metrics, feature_extractor, layer_for, fid_layer,
                    stats_file=role == "reference" and need_ref_stats_file)
 
+    if "kid" in metrics and kid_subset_size is not None:
+        # torch-fidelity would fail only after the (long) feature extraction, with a traceback.
+        for role, src in (("generated", gen), ("reference", ref)):
+            n = len(src.dataset) if src.dataset is not None else None
+            if n is not None and kid_subset_size > n:
+                raise EvaluationError(f"--kid-subset-size {kid_subset_size} is larger than the {n} images of the "
+                                      f"{role} set {src.name}; use at most {n}")
+
     # ---- one pass of the extractor per side
     feats = {}
     if plan.layers["generated"] or plan.layers["reference"]:

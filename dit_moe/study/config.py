@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
 
 from ..config import (SAMPLERS, ConfigError, DiffusionConfig, ExperimentConfig, apply_overrides, from_dict,
-                      load_config)
+                      load_config, read_yaml)
 from ..errors import DitMoeError
 
 __all__ = ["StudyError", "BaseSpec", "CalibrationSpec", "ArmSpec", "EvalSpec", "InteractionSpec", "ComparisonSpec",
@@ -285,12 +284,9 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
     base config that only exists relative to the study file's folder or the repository root.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise StudyError(f"study config not found: {path}")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise StudyError(f"{path}: not valid YAML: {e}") from e
+    d = read_yaml(path, StudyError)
     try:
         spec = from_dict(StudyFile, d if d is not None else {}, where="")
     except ConfigError as e:
@@ -350,10 +346,8 @@ def arm_objective(study: StudyConfig, arm: ArmSpec) -> str:
     d = {}
     try:
         if study.base_config is not None:
-            d = yaml.safe_load(Path(study.base_config).read_text()) or {}
+            d = read_yaml(study.base_config) or {}
         d = apply_overrides(d if isinstance(d, dict) else {}, [*study.base_overrides, *arm.overrides])
-    except yaml.YAMLError as e:
-        raise StudyError(f"{study.path}: base.config {study.base_config}: not valid YAML: {e}") from None
     except ConfigError as e:
         raise StudyError(f"{study.path}: arm {arm.name!r}: {e}") from None
     section = d.get("diffusion")

@@ -1,0 +1,78 @@
+"""Faults that used to give a silently wrong result or a traceback (disk full, non-finite weights, live readers,
+hand-edited checkpoints, config edge cases, evaluate's KID subset): each is now refused or survived, in one line."""
+import os
+from pathlib import Path
+
+import pytest
+
+import train as train_cli
+from dit_moe.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = str(REPO / "configs" / "default.yaml")
+
+
+def _error_line(capsys, prog="train.py"):
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                         Config edge cases
+# ---------------------------------------------------------------------------------------------------------
+
+def test_duplicate_yaml_key_is_refused_naming_key_and_line(tmp_path, capsys):
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  steps: 1000\n  lr: 0.001\n  steps: 4\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: .*duplicate key 'steps' \(first given on line 2\)"
+                                          r" \(line 4, column 3\)"):
+        load_config(f)
+    rc = train_cli.main(["--config", str(f), f"train.run_dir={tmp_path / 'runs'}"])
+    assert rc == 2 and "duplicate key 'steps'" in _error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_same_key_in_different_sections_and_merges_still_load(tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text("base: &b {steps: 3, lr: 0.002}\ntrain:\n  <<: *b\n  steps: 5\nsample:\n  steps: 7\n")
+    with pytest.raises(ConfigError, match="unknown section|unknown key"):     # `base` is not a section: parsed fine
+        load_config(f)
+    f.write_text("train:\n  steps: 5\nsample:\n  steps: 7\n")
+    cfg = load_config(f)
+    assert (cfg.train.steps, cfg.sample.steps) == (5, 7)
+
+
+def test_override_into_a_section_that_is_not_a_mapping(tmp_path, capsys):
+    f = tmp_path / "list.yaml"
+    f.write_text("train: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"override 'train.steps=3': section 'train' is a list in the config file"):
+        load_config(f, ["train.steps=3"])
+    assert train_cli.main(["--config", str(f), "train.steps=3", f"train.run_dir={tmp_path / 'r'}"]) == 2
+    assert "section 'train' is a list" in _error_line(capsys)
+
+
+def test_non_utf8_config_is_one_line(tmp_path, capsys):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("train:\n  run_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 22\)"):
+        load_config(f)
+    assert train_cli.main(["--config", str(f), f"train.run_dir={tmp_path / 'r'}"]) == 2
+    assert "not UTF-8" in _error_line(capsys)
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "\n" not in str(e.value) and "bad.yaml: not valid YAML" in str(e.value) and "line" in str(e.value)
+
+
+def test_study_yaml_goes_through_the_same_reader(tmp_path):
+    from dit_moe import study
+
+    f = tmp_path / "s.yaml"
+    f.write_text("seeds: [0]\nseeds: [1]\narms: []\nbase: {}\n")
+    with pytest.raises(study.StudyError, match=r"s.yaml: not valid YAML: .*duplicate key 'seeds'"):
+        study.load_study(f)
