@@ -76,3 +76,44 @@ def test_study_yaml_goes_through_the_same_reader(tmp_path):
     f.write_text("seeds: [0]\nseeds: [1]\narms: []\nbase: {}\n")
     with pytest.raises(study.StudyError, match=r"s.yaml: not valid YAML: .*duplicate key 'seeds'"):
         study.load_study(f)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                          Training log
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = ["train.steps=4", "train.log_every=1", "train.ckpt_every=4", "train.global_batch_size=16",
+        "sample.num_per_class=1", "train.tracker=null"]
+
+
+def test_logged_lr_is_the_rate_of_the_logged_step(tmp_path):
+    """Linear warm-up over 4 steps: step N (1-based) ran at lr * N / 4 (it used to log step N + 1's rate)."""
+    import json
+
+    from dit_moe.training import train
+
+    cfg = load_config(DEFAULT, [*TINY, "train.warmup_steps=4", "train.lr=0.001", f"train.run_dir={tmp_path}",
+                                "train.run_name=lr"])
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx([0.001 * n / 4 for n in (1, 2, 3, 4)])
+
+
+def test_full_disk_at_the_start_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    import errno
+    import pathlib
+
+    original = pathlib.Path.write_text
+
+    def full(self, *a, **k):
+        if self.name.startswith(".run.lock.tmp"):
+            original(self, "")                      # the file is created, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    rc = train_cli.main(["--config", DEFAULT, *TINY, f"train.run_dir={tmp_path / 'runs'}", "train.run_name=r"])
+    line = _error_line(capsys)
+    assert rc == 2 and "cannot create the run folder" in line and "No space left on device" in line
+    assert not (tmp_path / "runs" / "r").exists()

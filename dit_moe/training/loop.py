@@ -74,6 +74,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
                     # ----- one optimizer step over grad_accum micro-batches, then schedule, router state, EMA
                     grad_norm = train_step(parts, objective, batches, meter, accelerator, t.grad_accum, t.grad_clip,
                                            grad_norm)
+                    lr = parts.scheduler.get_last_lr()[0]     # the rate this step used (python float: no sync)
                     parts.scheduler.step()
                     if parts.moe is not None:
                         parts.moe.routing_step(parts.raw_model, parts.all_reduce)
@@ -84,8 +85,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
 
                     # ----- log (the only host sync of a normal step), checkpoint, samples
                     if state.step % t.log_every == 0 or state.step == t.steps:
-                        logbook.write(state.step, meter.take(state.step), parts.scheduler.get_last_lr()[0],
-                                      grad_norm, parts.raw_model)
+                        logbook.write(state.step, meter.take(state.step), lr, grad_norm, parts.raw_model)
                     if state.step % t.ckpt_every == 0 and state.step < t.steps:
                         meter.check(state.step)                  # nothing is saved after a fault
                         ckpts.save("periodic")

@@ -123,8 +123,8 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         tmp = self.path.with_name(f".{LOCK_FILE}.tmp-{self.token}")
-        tmp.write_text(json.dumps(self.info) + "\n")
         try:
+            tmp.write_text(json.dumps(self.info) + "\n")
             for _ in range(3):
                 if self._create(tmp):
                     self.held = True
@@ -237,6 +237,8 @@ class RunFolder:
             self.lock = RunLock(self.dir).acquire()
             (self.dir / "checkpoints").mkdir(exist_ok=True)
         except OSError as e:
+            if self.created:                  # e.g. a full disk: leave no empty run folder behind
+                shutil.rmtree(self.dir, ignore_errors=True)
             raise TrainingError(f"cannot create the run folder {self.dir} or its lock: {e}") from e
         return self.lock.token
 
