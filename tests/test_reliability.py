@@ -117,3 +117,43 @@ def test_full_disk_at_the_start_leaves_no_run_folder(tmp_path, monkeypatch, caps
     line = _error_line(capsys)
     assert rc == 2 and "cannot create the run folder" in line and "No space left on device" in line
     assert not (tmp_path / "runs" / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                     Bulk sampling on a full disk
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from test_sampling import _save
+
+    return _save(tmp_path_factory.mktemp("ckpt") / "dense")
+
+
+@pytest.mark.parametrize("what", ["png", "npz"])
+def test_full_disk_during_bulk_sampling_names_the_file(tiny_ckpt, tmp_path, monkeypatch, capsys, what):
+    import errno
+
+    import numpy as np
+    from PIL import Image
+
+    from dit_moe.sampling import main
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if what == "png":
+        original = Image.Image.save
+        monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **k: enospc() if ".000004.png." in str(fp)
+                            else original(self, fp, *a, **k))
+    else:
+        monkeypatch.setattr(np.lib.format, "open_memmap", enospc)
+    out = tmp_path / "bulk"
+    rc = main([str(tiny_ckpt), "--num-samples", "6", "--batch-size", "2", "--out", str(out), "--device", "cpu",
+               "--no-progress"])
+    line = _error_line(capsys, "sample.py")
+    name = out / "images" / "000004.png" if what == "png" else out / "samples.npz"
+    assert rc == 2 and line.startswith(f"sample.py: error: {name}: cannot write (No space left on device)"), line
+    assert not [p for p in out.rglob(".*") if p.is_file()], "a temporary file was left behind"
+    kept = sorted(p.name for p in (out / "images").iterdir())
+    assert kept == ([f"{i:06d}.png" for i in range(4)] if what == "png" else [f"{i:06d}.png" for i in range(6)])

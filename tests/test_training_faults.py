@@ -281,18 +281,31 @@ def test_missing_rng_state_resumes_with_a_loud_warning(tmp_path):
     assert "resumed from" in log and list_checkpoints(run)[-1].name == "step-0000004"
 
 
-@pytest.mark.parametrize("where", ["weights", "accelerate"])
+@pytest.mark.parametrize("where", ["weights", "weights-safetensors", "accelerate", "accelerate-safetensors"])
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, where):
+    """A full disk in each writer of a checkpoint, as each reports it: OSError, torch.save's RuntimeError, and
+    safetensors' own SafetensorError (not an OSError; seen on a 200 MB and a 10 MB tmpfs)."""
+    from safetensors import SafetensorError
+
     import train as cli
 
     def full(*args, **kwargs):
+        if where.endswith("safetensors"):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
         raise OSError(errno.ENOSPC, "No space left on device") if where == "weights" else \
             RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
 
-    if where == "weights":
+    if where.startswith("weights"):
         original = checkpoint_mod.save_file
         monkeypatch.setattr(checkpoint_mod, "save_file",
                             lambda t, f, metadata=None: full() if "step-0000004" in f else original(t, f, metadata=metadata))
+    elif where == "accelerate-safetensors":       # accelerate writes model.safetensors with safetensors' save_file
+        import accelerate.utils.other as acc_other
+
+        original = acc_other.safe_save_file
+        monkeypatch.setattr(acc_other, "safe_save_file", lambda t, f, *a, **kw: full() if "step-0000004" in str(f)
+                            else original(t, f, *a, **kw))
     else:
         original = torch.save
         monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: full() if "step-0000004" in str(f)
@@ -303,7 +316,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert cli.main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py")]  # not the bar
     assert len(err) == 1 and "could not write checkpoint" in err[0] and "step-0000004" in err[0]
-    assert ("No space left on device" if where == "weights" else "PytorchStreamWriter failed") in err[0]
+    assert ("PytorchStreamWriter failed" if where == "accelerate" else "No space left on device") in err[0]
     assert f"the previous checkpoint {run / 'checkpoints' / 'step-0000002'} is intact" in err[0]
     assert complete(run) == ["step-0000002"]
     assert not list((run / "checkpoints").glob(".*")), "temporaries of the failed save left behind"

@@ -63,14 +63,20 @@ def existing_indices(out_dir: Path, num_samples: int) -> set[int]:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Write ``path`` through a temporary file and a rename; a failed write (a full disk) is one line naming the
+    file, and leaves neither it nor the temporary behind."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise SamplingError(f"{path}: cannot write ({e.strerror or e}); the samples written so far are kept: "
+                                "free space, then rerun the same command to resume") from e
         raise
 
 
@@ -96,12 +102,27 @@ def write_npz(out_dir: Path, labels: np.ndarray) -> Path:
     from PIL import Image
 
     out_dir = Path(out_dir)
-    n = len(labels)
     first = np.asarray(Image.open(_image_path(out_dir, 0)).convert("RGB"))
     path = out_dir / NPZ_FILE
+    try:
+        return _pack_npz(out_dir, path, labels, first)
+    except OSError as e:          # the memory-mapped array or its temporary folder on a full disk
+        raise SamplingError(f"{path}: cannot write ({e.strerror or e}); the images are kept: free space, then "
+                            "rerun the same command") from e
+
+
+def _pack_npz(out_dir: Path, path: Path, labels: np.ndarray, first: np.ndarray) -> Path:
+    from PIL import Image
+
+    n = len(labels)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".npz-") as tmp:
         arr_file = os.path.join(tmp, "arr_0.npy")
         arr = np.lib.format.open_memmap(arr_file, mode="w+", dtype=np.uint8, shape=(n,) + first.shape)
+        if hasattr(os, "posix_fallocate"):
+            # The memory map is a sparse file: on a full disk, filling it would kill the process with SIGBUS.
+            # Reserving its blocks first turns that into an OSError here.
+            with open(arr_file, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, os.path.getsize(arr_file))
         for i in range(n):
             img = np.asarray(Image.open(_image_path(out_dir, i)).convert("RGB"))
             if img.shape != first.shape:

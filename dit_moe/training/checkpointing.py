@@ -28,6 +28,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+from safetensors import SafetensorError
+
 from ..checkpoint import (EMA_FILE, MODEL_FILE, CheckpointError, list_checkpoints, load_checkpoint,
                           save_checkpoint)
 from .stop import any_rank, on_main
@@ -191,8 +193,8 @@ class Checkpointer:
                 acc.save_state(str(staging))       # every rank writes its RNG state here
             else:
                 sharding.save_state(gathered, self.parts, self.data, staging)   # the same files
-        except (OSError, RuntimeError) as e:       # disk full: torch.save raises RuntimeError, safetensors OSError
-            failure = e
+        except (OSError, RuntimeError, SafetensorError) as e:   # disk full: torch.save raises RuntimeError,
+            failure = e                                           # safetensors OSError or its own SafetensorError
         if any_rank(acc, failure is not None):
             on_main(acc, shutil.rmtree, staging, True)
             raise self._failed(final, failure or "another rank failed to write its state")
@@ -217,7 +219,7 @@ class Checkpointer:
                             data_info=self.info.to_dict(),
                             meta={"reason": reason, "epoch": state.epoch, "num_processes": state.num_processes},
                             write_extra=lambda tmp: os.replace(staging, tmp / ACCELERATE_DIR))
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, SafetensorError) as e:
             raise self._failed(final, e) from e
         finally:
             shutil.rmtree(staging, ignore_errors=True)
