@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, from_dict
 from .errors import DitMoeError
+from .registry import parse_name
 
 FORMAT = "dit-moe/1"
 CONFIG_FILE = "config.json"
@@ -54,16 +55,28 @@ class Checkpoint:
         file = self.path / (EMA_FILE if which == "ema" else MODEL_FILE)
         if which == "ema" and not file.exists():
             file = self.path / MODEL_FILE
-        return _load_tensors(file)
+        return load_tensors(file)
 
 
-def _load_tensors(file: Path) -> dict:
+def load_tensors(file: Path) -> dict:
     if not file.exists():
         raise CheckpointError(f"{file}: missing weights file")
     try:
-        return load_file(str(file))
+        state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+    check_finite(state, file)
+    return state
+
+
+def check_finite(state: dict, file) -> None:
+    """Refuse weights with a NaN or inf, naming the tensor: such a model samples black images with exit code 0
+    (training never saves after a non-finite loss, so these are corrupt or hand-edited files)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{file}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf) of "
+                                  f"{t.numel()}; these weights are unusable")
 
 
 def _state_for_saving(module: torch.nn.Module) -> dict:
@@ -177,6 +190,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         model_cfg = from_dict(ModelConfig, config["model"], "model")
         routing_cfg = from_dict(RoutingConfig, config["routing"], "routing")
         experiment = ExperimentConfig.from_dict(config["experiment"]) if config.get("experiment") else None
+        parse_name(model_cfg.name)        # an unknown architecture is a broken description, as invalid JSON is
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{cfg_file}: invalid configuration: {e}") from e
     return Checkpoint(path, int(config.get("step", 0)), model_cfg, routing_cfg, experiment,

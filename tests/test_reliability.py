@@ -157,3 +157,62 @@ def test_full_disk_during_bulk_sampling_names_the_file(tiny_ckpt, tmp_path, monk
     assert not [p for p in out.rglob(".*") if p.is_file()], "a temporary file was left behind"
     kept = sorted(p.name for p in (out / "images").iterdir())
     assert kept == ([f"{i:06d}.png" for i in range(4)] if what == "png" else [f"{i:06d}.png" for i in range(6)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                        Non-finite weights
+# ---------------------------------------------------------------------------------------------------------
+
+def _poison(ckpt_dir, files=("ema.safetensors", "model.safetensors"), name="final_layer.linear.weight"):
+    from safetensors.torch import load_file, save_file
+
+    for f in files:
+        path = ckpt_dir / f
+        state = load_file(str(path))
+        state[name][0, 0] = float("nan")
+        save_file(state, str(path), metadata={"format": "dit-moe"})
+
+
+@pytest.mark.parametrize("args", [[], ["--num-samples", "4"]], ids=["grid", "bulk"])
+def test_nan_weights_are_refused_for_sampling_naming_the_tensor(tiny_ckpt, tmp_path, capsys, args):
+    import shutil
+
+    from dit_moe.sampling import main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    _poison(ckpt)
+    out = tmp_path / ("grid.png" if not args else "bulk")
+    rc = main([str(ckpt), *args, "--out", str(out), "--device", "cpu", "--no-progress"])
+    line = _error_line(capsys, "sample.py")
+    assert rc == 2 and f"{ckpt / 'ema.safetensors'}: tensor 'final_layer.linear.weight' has 1 non-finite" in line
+    assert not out.exists()
+
+
+def test_nan_weights_are_refused_by_analysis_and_conversion(tiny_ckpt, tmp_path):
+    import shutil
+
+    from dit_moe.checkpoint import CheckpointError, build_from_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    _poison(ckpt, files=("model.safetensors",))
+    build_from_checkpoint(ckpt, "ema")                         # the EMA weights are fine
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor 'final_layer.linear.weight'"):
+        build_from_checkpoint(ckpt, "model")
+    from dit_moe.convert import main as convert_main
+    _poison(ckpt, files=("ema.safetensors",))
+    assert convert_main([str(ckpt), "--to", "diffusers", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_outputs_stop_sampling_before_writing(tiny_ckpt, tmp_path, monkeypatch):
+    """Finite weights, non-finite outputs (an overflow): the batch is refused, no black image is written."""
+    from dit_moe import inference, sampling
+
+    bundle = inference.load(tiny_ckpt, device="cpu")
+    original = bundle.model.forward_with_cfg
+    monkeypatch.setattr(bundle.model, "forward_with_cfg", lambda *a, **k: original(*a, **k) * float("inf"))
+    with pytest.raises(sampling.SamplingError, match=r"outputs are not finite \(NaN or inf\) for 4 of 4 samples"):
+        sampling.generate(bundle, tmp_path / "out", num_samples=4, progress=False)
+    assert not list((tmp_path / "out" / "images").glob("*.png"))

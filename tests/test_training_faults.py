@@ -242,18 +242,38 @@ def test_checkpoint_left_aside_by_a_crash_is_recovered(tmp_path, monkeypatch, st
 #                                Corrupt checkpoints, missing state, disk full
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad_file,damage", [
-    ("accelerate/optimizer.bin", "truncate"),
-    ("model.safetensors", "truncate"),
-    ("accelerate/custom_checkpoint_1.pkl", "delete"),
+def _damage(f: Path, damage: str) -> None:
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "delete":
+        f.unlink()
+    elif damage == "nan":                     # a readable file whose weights are not finite
+        from safetensors.torch import load_file, save_file
+        state = load_file(str(f))
+        state["final_layer.linear.weight"][0, 0] = float("nan")
+        save_file(state, str(f), metadata={"format": "pt"})
+    elif damage == "unknown-model":           # a hand-edited description naming no known architecture
+        c = json.loads(f.read_text())
+        c["model"]["name"] = "DiT-Q/2"
+        f.write_text(json.dumps(c))
+
+
+@pytest.mark.parametrize("bad_file,damage,reason", [
+    ("accelerate/optimizer.bin", "truncate", ""),
+    ("model.safetensors", "truncate", ""),
+    ("accelerate/custom_checkpoint_1.pkl", "delete", ""),
+    ("accelerate/model.safetensors", "nan", "tensor 'final_layer.linear.weight' has 1 non-finite value"),
+    ("ema.safetensors", "nan", "tensor 'final_layer.linear.weight' has 1 non-finite value"),
+    ("config.json", "unknown-model", "invalid configuration: unknown model name 'DiT-Q/2'"),
 ])
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypatch, straight, bad_file, damage):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypatch, straight, bad_file, damage,
+                                                              reason):
     run = stop_after(tiny(tmp_path, "run", "train.keep_last=2"), 4, monkeypatch)
     f = run / "checkpoints" / "step-0000004" / bad_file
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]) if damage == "truncate" else f.unlink()
+    _damage(f, damage)
     resumed = train(tiny(tmp_path, "run", "train.keep_last=2"), resume="latest")
     log = (run / "log.txt").read_text()
-    assert f"checkpoint step-0000004 is unusable: {f}" in log
+    assert f"checkpoint step-0000004 is unusable: {f}" in log and reason in log
     assert f"resumed from {run / 'checkpoints' / 'step-0000002'}" in log
     assert (run / "checkpoints" / "corrupt-step-0000004").is_dir()      # kept for inspection, out of the way
     assert [p.name for p in list_checkpoints(resumed)] == ["step-0000004", "step-0000006"]

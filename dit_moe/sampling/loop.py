@@ -126,5 +126,13 @@ def sample_latents(
         t = torch.full((N,), timestep, dtype=timestep_dtype, device=device)
         return model.forward_with_cfg(x_in, t, y, guidance_scale(settings, level), settings.guidance_channels)
 
-    x = solve(settings, objective, initial_noise(gens, shape, device), predict, gens)
-    return x.float()
+    x = solve(settings, objective, initial_noise(gens, shape, device), predict, gens).float()
+    # One check per call, not per step (callers copy the result to the host next anyway): a NaN or inf would
+    # otherwise become a black image with exit code 0.
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise SamplingError(f"the model's outputs are not finite (NaN or inf) for {len(bad)} of {N} samples "
+                            f"(labels {labels[bad[:5]].tolist()}); these images are not written: check the "
+                            "checkpoint's weights and the sampling settings (precision, CFG scale)")
+    return x

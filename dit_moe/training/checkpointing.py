@@ -30,7 +30,7 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
-from ..checkpoint import (EMA_FILE, MODEL_FILE, CheckpointError, list_checkpoints, load_checkpoint,
+from ..checkpoint import (EMA_FILE, MODEL_FILE, CheckpointError, list_checkpoints, load_checkpoint, load_tensors,
                           save_checkpoint)
 from .stop import any_rank, on_main
 
@@ -95,6 +95,8 @@ def validate_checkpoint(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: has no {ACCELERATE_DIR}/ training state, so it cannot be resumed "
                               "(it holds weights only)")
     _check_safetensors(acc / "model.safetensors")
+    for file in (path / MODEL_FILE, path / EMA_FILE, acc / "model.safetensors"):
+        load_tensors(file)                         # readable and finite: a resume must not continue from NaN weights
     required = ["optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"]
     if ckpt.experiment is not None and ckpt.experiment.train.mixed_precision == "fp16":
         required.append("scaler.pt")
