@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, from_dict
@@ -49,13 +49,49 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)
 
     def state_dict(self, which: str = "ema") -> dict:
-        """Load the weights: ``ema`` (falls back to ``model`` when no EMA was saved) or ``model``."""
+        """Load the weights: ``ema`` (falls back to ``model`` when no EMA was saved) or ``model``; weights whose
+        fingerprint names another architecture or routing than this checkpoint's config.json are refused."""
         if which not in ("ema", "model"):
             raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
         file = self.path / (EMA_FILE if which == "ema" else MODEL_FILE)
         if which == "ema" and not file.exists():
             file = self.path / MODEL_FILE
-        return load_tensors(file)
+        state = load_tensors(file)
+        check_fingerprint(file, self.model_config, self.routing_config)
+        return state
+
+
+# The architecture and routing a weight file was written for, in its safetensors metadata: names of tensors alone
+# do not tell a Top-k router's weights from an expert-choice one's.
+_FINGERPRINT_KEYS = {"model": "dit_moe.model", "routing": "dit_moe.routing"}
+
+
+def weights_metadata(model_config: ModelConfig, routing_config: RoutingConfig) -> dict:
+    return {"format": FORMAT, _FINGERPRINT_KEYS["model"]: json.dumps(asdict(model_config), sort_keys=True),
+            _FINGERPRINT_KEYS["routing"]: json.dumps(asdict(routing_config), sort_keys=True)}
+
+
+def check_fingerprint(file: Path, model_config: ModelConfig, routing_config: RoutingConfig) -> None:
+    """Refuse ``file`` when its metadata names another architecture or routing (files written before the
+    fingerprint existed have none and pass; a key the older writer did not know is not compared)."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+    for section, now in (("model", asdict(model_config)), ("routing", asdict(routing_config))):
+        text = meta.get(_FINGERPRINT_KEYS[section])
+        if text is None:
+            continue
+        try:
+            saved = json.loads(text)
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{file}: corrupt weights fingerprint ({_FINGERPRINT_KEYS[section]})") from None
+        diff = [f"{section}.{k}: {saved[k]!r} in the weights, {now[k]!r} in {CONFIG_FILE}"
+                for k in now if k in saved and saved[k] != now[k]]
+        if diff:
+            raise CheckpointError(f"{file}: weights of another architecture or routing than {file.parent / CONFIG_FILE}"
+                                  f" ({'; '.join(diff[:3])}); the files of two checkpoints were mixed")
 
 
 def load_tensors(file: Path) -> dict:
@@ -124,9 +160,10 @@ def save_checkpoint(
             "meta": meta or {},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file(_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+        stamp = weights_metadata(model.model_config, model.routing_config)
+        save_file(_state_for_saving(model), str(tmp / MODEL_FILE), metadata=stamp)
         if ema is not None:
-            save_file(_state_for_saving(ema), str(tmp / EMA_FILE), metadata={"format": FORMAT})
+            save_file(_state_for_saving(ema), str(tmp / EMA_FILE), metadata=stamp)
         if write_extra is not None:
             write_extra(tmp)
         for f in tmp.rglob("*"):

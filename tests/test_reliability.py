@@ -216,3 +216,36 @@ def test_non_finite_outputs_stop_sampling_before_writing(tiny_ckpt, tmp_path, mo
     with pytest.raises(sampling.SamplingError, match=r"outputs are not finite \(NaN or inf\) for 4 of 4 samples"):
         sampling.generate(bundle, tmp_path / "out", num_samples=4, progress=False)
     assert not list((tmp_path / "out" / "images").glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                    Weights from another checkpoint
+# ---------------------------------------------------------------------------------------------------------
+
+def test_weights_of_another_routing_type_are_refused(tmp_path, capsys):
+    """Expert-choice weights copied into a Top-k checkpoint have the same tensor names and shapes; the weight
+    files' fingerprint tells them apart. A file without a fingerprint (older checkpoints) still loads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dit_moe.checkpoint import CheckpointError, build_from_checkpoint
+    from dit_moe.config import RoutingConfig
+    from dit_moe.sampling import main
+    from test_sampling import _save
+
+    topk = _save(tmp_path / "topk", "DiT-T/2-E4K2", RoutingConfig(type="topk"))
+    ec = _save(tmp_path / "ec", "DiT-T/2-E4K2", RoutingConfig(type="expert_choice"))
+    assert set(load_file(str(topk / "ema.safetensors"))) == set(load_file(str(ec / "ema.safetensors")))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(topk, mixed)
+    shutil.copy(ec / "ema.safetensors", mixed / "ema.safetensors")
+    with pytest.raises(CheckpointError, match=r"ema.safetensors: weights of another architecture or routing than .*"
+                                              r"config.json \(routing.type: 'expert_choice' in the weights, 'topk' in"):
+        build_from_checkpoint(mixed)
+    assert main([str(mixed), "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
+    assert "routing.type: 'expert_choice' in the weights" in _error_line(capsys, "sample.py")
+    # Written before fingerprints: only the format in the metadata. Loads as before.
+    for f in ("ema.safetensors", "model.safetensors"):
+        save_file(load_file(str(topk / f)), str(topk / f), metadata={"format": "dit-moe/1"})
+    build_from_checkpoint(topk)
