@@ -249,3 +249,59 @@ def test_weights_of_another_routing_type_are_refused(tmp_path, capsys):
     for f in ("ema.safetensors", "model.safetensors"):
         save_file(load_file(str(topk / f)), str(topk / f), metadata={"format": "dit-moe/1"})
     build_from_checkpoint(topk)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                          Routing statistics of bulk sampling killed mid-batch
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("routing", ["dtopp", "expert_choice"])
+def test_statistics_of_a_resumed_bulk_run_count_every_image_once(tmp_path, monkeypatch, routing):
+    """A kill between two PNGs of a batch (before its statistics are saved): the resumed run's statistics equal
+    an uninterrupted run's, and the images written before the kill are not rewritten."""
+    import torch
+
+    import dit_moe.sampling.bulk as bulk
+    from dit_moe.config import RoutingConfig
+    from dit_moe.data import DataInfo, load_decoder
+    from dit_moe.registry import build_model
+    from dit_moe.sampling import sample_to_folder
+    from test_sampling import DATA_INFO, SETTINGS, SHAPE, _randomise
+
+    torch.manual_seed(0)
+    model = _randomise(build_model("DiT-T/2-E4K2", RoutingConfig(type=routing), input_size=8, in_channels=1,
+                                   num_classes=10))
+    decode = load_decoder(DataInfo.from_dict(DATA_INFO))
+    run = lambda out: sample_to_folder(model, out, settings=SETTINGS, num_samples=12, num_classes=10, shape=SHAPE,
+                                       decode=decode, batch_size=4, progress=False)
+    fresh = run(tmp_path / "fresh")
+
+    class Killed(BaseException):
+        pass
+
+    original = bulk._save_png
+
+    def dying(path, img):
+        if path.name == "000006.png":
+            raise Killed()
+        original(path, img)
+
+    monkeypatch.setattr(bulk, "_save_png", dying)
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(bulk, "_save_png", original)
+    images = tmp_path / "resumed" / "images"
+    assert sorted(p.name for p in images.iterdir()) == [f"{i:06d}.png" for i in range(6)]   # batch 2 half written
+    stamps = {p.name: p.stat().st_mtime_ns for p in images.iterdir()}
+    info = run(tmp_path / "resumed")
+    assert {n: (images / n).stat().st_mtime_ns for n in stamps} == stamps
+    a, b = fresh["active_experts"], info["active_experts"]
+    assert b["images"] == a["images"] == 12
+    for key in ("mean", "per_layer", "per_bucket", "load"):
+        assert _close(b[key], a[key]), (key, a[key], b[key])
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b if a is None or b is None else a == pytest.approx(b, rel=1e-6)

@@ -80,6 +80,21 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def _to_runs(indices, rank: int, world: int) -> list[list[int]]:
+    """Rank ``rank``'s indices (i % world == rank) as [start, stop) runs of i // world: a few numbers, not 50K."""
+    runs: list[list[int]] = []
+    for k in sorted(i // world for i in indices):
+        if runs and runs[-1][1] == k:
+            runs[-1][1] = k + 1
+        else:
+            runs.append([k, k + 1])
+    return runs
+
+
+def _from_runs(runs, rank: int, world: int):
+    return (k * world + rank for start, stop in runs for k in range(start, stop))
+
+
 def _write_json(path: Path, data: dict) -> None:
     def write(tmp):
         with open(tmp, "w") as fh:
@@ -231,8 +246,14 @@ def sample_to_folder(
     todo = [i for i in range(num_samples) if i % world == rank and i not in done]
 
     stats_file = out_dir / STATS_DIR / f"rank{rank:05d}.json"
-    saved = json.loads(stats_file.read_text())["active_experts"] if stats_file.exists() else None
-    tap = expert_tap(model, saved, where=str(stats_file))          # reads t from the model's own forward
+    saved = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    tap = expert_tap(model, saved.get("active_experts"), where=str(stats_file))   # reads t from the model's forward
+    # Images on disk whose routing the saved statistics do not count (a kill between a batch's PNGs and its
+    # statistics): drawn again, deterministically, to count them -- their PNGs are not rewritten. Statistics
+    # written before coverage was recorded are taken as covering this rank's images, as they did then.
+    covered = set(_from_runs(saved["covered"], rank, world)) if "covered" in saved else \
+        {i for i in done if i % world == rank}
+    recount = sorted(i for i in done if i % world == rank and i not in covered) if tap is not None else []
 
     bar = None
     if progress and state.is_main_process:
@@ -242,16 +263,19 @@ def sample_to_folder(
     try:
         if tap is not None:
             tap.__enter__()
-        for b in range(0, len(todo), batch_size):
-            idx = todo[b:b + batch_size]
+        batches = [(recount[b:b + batch_size], False) for b in range(0, len(recount), batch_size)]
+        batches += [(todo[b:b + batch_size], True) for b in range(0, len(todo), batch_size)]
+        for idx, write in batches:
             latents = sample_latents(model, all_labels[idx], make_generators(seed, idx), settings, shape,
                                      device=device, objective=objective)
-            images = to_uint8(decode(latents)).permute(0, 2, 3, 1).cpu().numpy()   # (n, H, W, 3)
-            for i, img in zip(idx, images):
-                _save_png(_image_path(out_dir, i), img)
+            if write:
+                images = to_uint8(decode(latents)).permute(0, 2, 3, 1).cpu().numpy()   # (n, H, W, 3)
+                for i, img in zip(idx, images):
+                    _save_png(_image_path(out_dir, i), img)
             if tap is not None:
-                _write_json(stats_file, {"active_experts": tap.state()})
-            if bar is not None:
+                covered.update(idx)
+                _write_json(stats_file, {"active_experts": tap.state(), "covered": _to_runs(covered, rank, world)})
+            if bar is not None and write:
                 bar.update(len(idx))
     finally:
         if tap is not None:
@@ -270,7 +294,12 @@ def sample_to_folder(
     seconds = time.perf_counter() - start
     new = len(have) - len(done)
     write_npz(out_dir, all_labels.numpy())
-    stats = [json.loads(f.read_text())["active_experts"] for f in sorted((out_dir / STATS_DIR).glob("rank*.json"))]
+    docs = [json.loads(f.read_text()) for f in sorted((out_dir / STATS_DIR).glob("rank*.json"))]
+    active = summarize_active([d["active_experts"] for d in docs])
+    if active is not None:
+        # How many images the statistics count (None: written before coverage was recorded, so unknown).
+        active["images"] = sum(stop - start for d in docs for start, stop in d["covered"]) \
+            if all("covered" in d for d in docs) else None
     info.update({
         "status": "complete",
         "npz": NPZ_FILE,
@@ -280,7 +309,7 @@ def sample_to_folder(
         "processes": world,
         "seconds": round(seconds, 3),
         "images_per_second": round(new / seconds, 3) if seconds > 0 else None,
-        "active_experts": summarize_active(stats),
+        "active_experts": active,
     })
     _write_json(out_dir / INFO_FILE, info)
     return info
