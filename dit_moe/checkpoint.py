@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,6 +28,7 @@ from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, f
 from .errors import DitMoeError
 from .registry import parse_name
 
+T = TypeVar("T")
 FORMAT = "dit-moe/1"
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -255,11 +256,32 @@ def load_weights(model: torch.nn.Module, path: str | Path, which: str = "ema") -
     return ckpt
 
 
+def read_newest(path: str | Path, read: Callable[[Path], T], attempts: int = 5) -> T:
+    """``read(checkpoint)`` of the checkpoint ``path`` names -- for a run folder, its newest complete one.
+
+    A reader of a run that is still training can lose its checkpoint mid-read: rotation (``train.keep_last``)
+    renames an old checkpoint away and deletes it. Checkpoints are published by an atomic rename, so the newest one
+    listed is complete; when it is gone by the time it is read, the newest is listed and read again (files already
+    open or mapped stay readable after the deletion, so a read that got past opening them is unaffected)."""
+    for attempt in range(attempts):
+        ckpt = resolve_checkpoint(path)
+        try:
+            return read(ckpt)
+        except (CheckpointError, OSError):
+            if ckpt == Path(path) or ckpt.exists() or attempt == attempts - 1:
+                raise                      # an explicit checkpoint, or a real fault: not a rotation
+
+
 def build_from_checkpoint(path: str | Path, which: str = "ema", device: str | torch.device = "cpu"):
-    """Rebuild the model from the checkpoint alone and load its (EMA by default) weights; returns (model, checkpoint)."""
+    """Rebuild the model from the checkpoint alone and load its (EMA by default) weights; returns (model, checkpoint).
+    ``path`` may be a run folder that is still training (``read_newest``)."""
     from .registry import build_model
 
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt.model_config, ckpt.routing_config)
-    load_weights(model, ckpt.path, which)
+    def build(found: Path):
+        ckpt = load_checkpoint(found)
+        model = build_model(ckpt.model_config, ckpt.routing_config)
+        load_weights(model, ckpt.path, which)
+        return model, ckpt
+
+    model, ckpt = read_newest(path, build)
     return model.to(device).eval(), ckpt

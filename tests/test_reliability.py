@@ -305,3 +305,63 @@ def _close(a, b) -> bool:
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     return a == b if a is None or b is None else a == pytest.approx(b, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   Reading a run while it trains
+# ---------------------------------------------------------------------------------------------------------
+
+def _rotating_run(tmp_path, monkeypatch, tiny_ckpt, reads_before_rotation=0):
+    """A run folder with one checkpoint; the first config read rotates it away (a newer one published, the old
+    one renamed aside and deleted), as `train.keep_last=1` does between a reader's listing and its read."""
+    import shutil
+
+    import dit_moe.checkpoint as checkpoint_mod
+
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    shutil.copytree(tiny_ckpt, root / "step-0000001")
+    original = checkpoint_mod.load_checkpoint
+    calls = []
+
+    def rotating(path):
+        calls.append(path)
+        if len(calls) == reads_before_rotation + 1:
+            shutil.copytree(tiny_ckpt, root / ".staging")
+            os.replace(root / ".staging", root / "step-0000002")           # published atomically
+            os.replace(root / "step-0000001", root / ".step-0000001.trash")  # rotated: renamed, then deleted
+            shutil.rmtree(root / ".step-0000001.trash")
+        return original(path)
+
+    monkeypatch.setattr(checkpoint_mod, "load_checkpoint", rotating)
+    return tmp_path / "run", calls
+
+
+def test_sampling_a_run_whose_checkpoint_is_rotated_away_reads_the_newest(tmp_path, monkeypatch, tiny_ckpt, capsys):
+    from dit_moe.sampling import main
+
+    run, calls = _rotating_run(tmp_path, monkeypatch, tiny_ckpt)
+    assert main([str(run), "--out", str(tmp_path / "grid.png"), "--device", "cpu"]) == 0
+    assert (tmp_path / "grid.png").is_file() and [p.name for p in calls[-1:]] == ["step-0000002"]
+
+
+def test_an_explicit_checkpoint_that_vanishes_is_still_an_error(tmp_path, monkeypatch, tiny_ckpt):
+    from dit_moe.checkpoint import CheckpointError, build_from_checkpoint
+
+    run, _ = _rotating_run(tmp_path, monkeypatch, tiny_ckpt)
+    with pytest.raises(CheckpointError, match="step-0000001: no such checkpoint"):
+        build_from_checkpoint(run / "checkpoints" / "step-0000001")
+
+
+def test_analysing_a_run_whose_checkpoint_is_rotated_away(tmp_path, monkeypatch):
+    from dit_moe import analyze
+    from dit_moe.config import RoutingConfig
+    from test_sampling import _save
+
+    moe = _save(tmp_path / "moe", "DiT-T/2-E4K2", RoutingConfig(type="dtopp"))
+    for reads in (0, 1):              # rotated during the first description read, or between it and the weights
+        monkeypatch.undo()
+        run, calls = _rotating_run(tmp_path / f"r{reads}", monkeypatch, moe, reads_before_rotation=reads)
+        report = analyze.analyze_checkpoint(run, num_per_class=1, num_steps=2, out_dir=tmp_path / f"a{reads}",
+                                            device="cpu")
+        assert report["checkpoint"].endswith("step-0000002"), reads

@@ -81,23 +81,27 @@ def analyze_checkpoint(
 
     import torch
 
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, read_newest
     from ..data import to_uint8
     from ..inference import InferenceError, load
     from ..registry import parse_name
     from ..sampling import FLAGS, SamplingError, resolve_settings
 
-    ckpt = load_checkpoint(path)          # CheckpointError naming the path when it is missing or broken
-    cfg = ckpt.model_config
-    arch = parse_name(cfg.name)
-    if not arch.is_moe:
-        raise AnalysisError(f"{ckpt.path}: {cfg.name} is not an MoE model (a dense model has no routers to analyze)")
     if num_per_class < 1 or batch_size < 1 or spatial_steps < 1 or num_buckets < 1:
         raise AnalysisError("num_per_class, batch_size, spatial_steps and num_buckets must be >= 1")
+    ckpt = read_newest(path, load_checkpoint)   # CheckpointError naming the path when it is missing or broken
+    if not parse_name(ckpt.model_config.name).is_moe:
+        raise AnalysisError(f"{ckpt.path}: {ckpt.model_config.name} is not an MoE model (a dense model has no "
+                            "routers to analyze)")
     try:
-        bundle = load(ckpt.path, weights=which, device=device, vae=vae)
+        # From ``path`` again, not ckpt.path: in a run that is training, that checkpoint may be rotated away by now
+        # (the bundle then holds the newest one; its description is the one used from here on).
+        bundle = load(path, weights=which, device=device, vae=vae)
     except InferenceError as e:
         raise AnalysisError(str(e)) from e
+    ckpt = bundle.checkpoint
+    cfg = ckpt.model_config
+    arch = parse_name(cfg.name)
     model = bundle.model
     given = {"sampler": sampler, "steps": num_steps, "cfg_scale": cfg_scale, **sample_overrides}
     try:
