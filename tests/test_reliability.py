@@ -337,10 +337,12 @@ def _rotating_run(tmp_path, monkeypatch, tiny_ckpt, reads_before_rotation=0):
     return tmp_path / "run", calls
 
 
-def test_sampling_a_run_whose_checkpoint_is_rotated_away_reads_the_newest(tmp_path, monkeypatch, tiny_ckpt, capsys):
+@pytest.mark.parametrize("reads", [0, 1])
+def test_sampling_a_run_whose_checkpoint_is_rotated_away_reads_the_newest(tmp_path, monkeypatch, tiny_ckpt, reads):
+    """Rotated during the first read of its description, or between that and the weights."""
     from dit_moe.sampling import main
 
-    run, calls = _rotating_run(tmp_path, monkeypatch, tiny_ckpt)
+    run, calls = _rotating_run(tmp_path, monkeypatch, tiny_ckpt, reads_before_rotation=reads)
     assert main([str(run), "--out", str(tmp_path / "grid.png"), "--device", "cpu"]) == 0
     assert (tmp_path / "grid.png").is_file() and [p.name for p in calls[-1:]] == ["step-0000002"]
 
