@@ -408,13 +408,34 @@ def read_yaml(path: str | Path, error: type[Exception] = None):
         raise error(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"     # the shipped configs (package data)
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(value: str | Path, error: type[Exception] = None) -> Path:
+    """The YAML file ``value`` names: a path that exists, else a shipped config by name (``default``,
+    ``imagenet-S2-E8K2-dtopp``, ``study-digits-v2``; ``.yaml`` optional), also under its repository spelling
+    ``configs/<name>.yaml`` -- so commands written for a checkout work the same after a plain ``pip install``."""
+    error = error or ConfigError
+    path = Path(value)
+    if path.exists():
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if (len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "configs")) and \
+            (CONFIG_DIR / f"{stem}.yaml").is_file():
+        return CONFIG_DIR / f"{stem}.yaml"
+    raise error(f"config file not found: {value} (shipped configs, usable by name: {', '.join(shipped_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Read a YAML experiment config -- a path or a shipped config's name (``find_config``), or the defaults when
+    ``path`` is None -- and apply dotted overrides."""
     d: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file() and not path.is_dir():
-            raise ConfigError(f"config file not found: {path}")
+        path = find_config(path)
         d = read_yaml(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(d).__name__}")

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+DEFAULT_CONFIG = "default"            # the shipped configs/default.yaml (dit_moe.config.find_config)
 
 
 def reference_digits(path: Path) -> Path:
@@ -42,7 +41,7 @@ def guidance_text(cfg_scale: float, interval) -> str:
     return f"cfg {cfg_scale}" + (" at t in [{}, {}]".format(*interval) if interval and cfg_scale != 1 else "")
 
 
-def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, num_samples: int = 1000,
+def run_demo(config: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None, num_samples: int = 1000,
              sampling_overrides: dict | None = None, device: str | None = None, weights: str = "ema",
              vae: str | None = None) -> dict:
     """The four stages; returns what the demo prints (also written to ``demo.json`` in the run folder).
@@ -58,7 +57,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None, 
     timings = {}
     cfg = load_config(config, overrides or [])
     if cfg.train.run_name is None:
-        cfg.train.run_name = Path(config).stem
+        cfg.train.run_name = Path(config).name.removesuffix(".yaml")
     if num_samples < 1:
         raise sampling.SamplingError(f"--num-samples {num_samples} must be >= 1")
     # The sampling settings against the objective to be trained: a bad flag fails now, not after training.
@@ -128,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="experiment config: a path, or a shipped config's name (default: default)")
     parser.add_argument("--num-samples", type=int, default=1000, help="samples for the FID and the accuracy")
     add_checkpoint_arguments(parser)
     add_sampler_arguments(parser)

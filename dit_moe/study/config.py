@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 
 from ..config import (SAMPLERS, ConfigError, DiffusionConfig, ExperimentConfig, apply_overrides, from_dict,
-                      load_config, read_yaml)
+                      find_config, load_config, read_yaml, shipped_configs)
 from ..errors import DitMoeError
 
 __all__ = ["StudyError", "BaseSpec", "CalibrationSpec", "ArmSpec", "EvalSpec", "InteractionSpec", "ComparisonSpec",
@@ -37,7 +37,6 @@ __all__ = ["StudyError", "BaseSpec", "CalibrationSpec", "ArmSpec", "EvalSpec", "
 RESULT_FILE = "study_result.json"         # <output>/runs/<arm>-s<seed>/: one finished run's numbers
 CALIBRATION_FILE = "calibration.json"     # <output>/ and <records>/: calibrated Top-p thresholds
 TIMING_FILE = "timing.json"               # <output>/ and <records>/: the timing pass (s/step per arm)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class StudyError(DitMoeError, ValueError):
@@ -283,9 +282,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
     Relative paths in the file (base config, output, reference) are relative to the current directory, except a
     base config that only exists relative to the study file's folder or the repository root.
     """
-    path = Path(path)
-    if not path.is_file() and not path.is_dir():
-        raise StudyError(f"study config not found: {path}")
+    path = find_config(path, StudyError)           # a path, or a shipped study config's name
     d = read_yaml(path, StudyError)
     try:
         spec = from_dict(StudyFile, d if d is not None else {}, where="")
@@ -299,13 +296,13 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
     base_config = None
     if spec.base.config is not None:
         base_config = Path(spec.base.config)
-        if not base_config.is_file():
-            for root in (path.parent, ROOT):
-                if (root / base_config).is_file():
-                    base_config = root / base_config
-                    break
-            else:
-                raise StudyError(f"{path}: base.config {spec.base.config!r} not found")
+        if not base_config.is_file() and (path.parent / base_config).is_file():
+            base_config = path.parent / base_config
+        try:
+            base_config = find_config(base_config)
+        except ConfigError:
+            raise StudyError(f"{path}: base.config {spec.base.config!r} not found (shipped configs: "
+                             f"{', '.join(shipped_configs())})") from None
     study = StudyConfig(
         name=spec.name or path.stem, output=Path(output or spec.output or f"runs/{path.stem}"),
         base_config=base_config, base_overrides=spec.base.overrides + list(overrides), seeds=list(spec.seeds),

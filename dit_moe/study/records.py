@@ -22,12 +22,13 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ROOT, StudyError
+from .config import StudyError
 
 __all__ = ["RECORD_VERSION", "REQUIRED_FIELDS", "record_path", "read_record", "write_record", "toolkit_info",
            "read_cache", "write_cache", "config_difference"]
 
 RECORD_VERSION = 1
+ROOT = Path(__file__).resolve().parents[2]        # the checkout whose git commit a record names (if it is one)
 
 # What the report reads from every record (anything else is optional: older records, dense arms).
 REQUIRED_FIELDS = ("arm", "seed", "steps", "model", "objective", "routing", "default_moe", "curve", "final_loss",

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Train a (MoE) DiT from a YAML experiment config with dotted overrides (section.key=value)."
     p.epilog = "examples:\n" + __doc__.split("\n\n", 1)[1].rstrip()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--config", default="configs/default.yaml", help="YAML experiment config")
+    p.add_argument("--config", default="default",
+                   help="YAML experiment config: a path, or a shipped config's name (default: default)")
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue exactly from the newest checkpoint of the run (latest) or from PATH")
     p.add_argument("--run-name", default=None, help="run folder name (overrides train.run_name)")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> Path:
         overrides.append(f"train.run_name={args.run_name}")
     cfg = load_config(args.config, overrides)
     if cfg.train.run_name is None:
-        cfg.train.run_name = Path(args.config).stem
+        cfg.train.run_name = Path(args.config).name.removesuffix(".yaml")
     try:
         run_dir = train(cfg, resume=args.resume)
     except KeyboardInterrupt:   # a second Ctrl-C: no checkpoint now, but every one written so far is intact
