@@ -139,3 +139,16 @@ def test_config_difference_tolerates_new_keys_at_their_default():
         "train.new_knob: absent in the record, 0 now"
     assert config_difference({"train": {"lr": 1e-3, "gone": 1, "new_knob": 0}}, now) == \
         "train.gone: 1 in the record, unknown to this toolkit"
+
+
+def test_report_only_reports_what_is_recorded_and_runs_nothing(recorded, tmp_path, capsys):
+    src, _, first = recorded
+    shutil.copytree(src / "records", tmp_path / "records")
+    spec = _tiny(tmp_path)
+    summary = study.report_study(spec, only_arms=["topk", "dtopp", "dense"])
+    assert summary["missing"] == ["dense-s0"] and not (tmp_path / "out" / "runs").exists()
+    assert summary["arms"]["dtopp"]["fid"] == first["arms"]["dtopp"]["fid"]
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "In progress: 2 of 3 runs finished**; not yet: dense-s0" in md
+    with pytest.raises(study.StudyError, match="no finished run to report"):
+        study.report_study(_tiny(tmp_path / "empty"))

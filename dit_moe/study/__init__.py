@@ -46,8 +46,8 @@ from .config import (CALIBRATION_FILE, RESULT_FILE, ArmSpec, BaseSpec, Calibrati
                      study_problems)
 from .paired import compare_arms, interaction, paired_stats, sign_test, t_quantile
 from .report import STAT_KEYS, aggregate, paired_tables, plot_study, results_table, write_report
-from .run import (_probe_inputs, calibrate_topp_threshold, check_inputs, probe_routing, run_arm, run_study,  # noqa: F401
-                  summarize_run, time_arms)
+from .run import (_probe_inputs, calibrate_topp_threshold, check_inputs, probe_routing, report_study,  # noqa: F401
+                  run_arm, run_study, summarize_run, time_arms)
 
 __all__ = [
     "StudyError",
@@ -83,5 +83,6 @@ __all__ = [
     "plot_study",
     "write_report",
     "run_study",
+    "report_study",
     "main",
 ]

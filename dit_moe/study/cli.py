@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arms", nargs="+", help="run only these arms (and their calibration sources)")
     p.add_argument("--seeds", type=int, nargs="+", help="run and report only these seeds (default: the config's)")
     p.add_argument("--device", help="torch device (default: cuda when available)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the report of what has finished (records, finished runs), list the rest")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="extra overrides of every arm's experiment config (appended to base.overrides)")
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> dict:
     """Load the study, run what is not finished, write the report; returns the summary (results.json)."""
     from ..checks import check_at_least, check_output_dir
     from .config import load_study
-    from .run import run_study
+    from .run import report_study, run_study
 
     check_at_least("--jobs", args.jobs, 1, StudyError)
     check_output_dir("--plots-dir", args.plots_dir, StudyError)
@@ -49,7 +51,10 @@ def run(args: argparse.Namespace) -> dict:
         if len(set(args.seeds)) != len(args.seeds):
             raise StudyError(f"--seeds {args.seeds}: seeds must be distinct")
         study.seeds = list(args.seeds)
-    summary = run_study(study, jobs=args.jobs, device=args.device, plots_dir=args.plots_dir, only_arms=args.arms)
+    if args.report_only:
+        summary = report_study(study, plots_dir=args.plots_dir, only_arms=args.arms)
+    else:
+        summary = run_study(study, jobs=args.jobs, device=args.device, plots_dir=args.plots_dir, only_arms=args.arms)
     if summary:
         print(f"\nresults: {study.output / 'results.md'}, {study.output / 'results.json'}; plots: "
               + ", ".join(summary.get("plots", [])))

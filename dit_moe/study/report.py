@@ -302,8 +302,13 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
 
 def report_text(summary: dict) -> str:
     """results.md: the arm table, per-seed values, paired comparisons, per-layer routing, compute/quality sweep."""
-    parts = [f"# {summary['name']}", "", "Mean ± std over seeds (ddof 1).", "", results_table(summary), "",
-             "## Per seed", "", per_seed_table(summary["runs"])]
+    parts = [f"# {summary['name']}", ""]
+    if summary.get("missing"):
+        n = len(summary["runs"])
+        parts += [f"**In progress: {n} of {n + len(summary['missing'])} runs finished**; not yet: "
+                  + ", ".join(summary["missing"]) + ". Nothing below is a conclusion of the study yet.", ""]
+    parts += ["Mean ± std over seeds (ddof 1).", "", results_table(summary), "",
+              "## Per seed", "", per_seed_table(summary["runs"])]
     paired = paired_tables(summary)
     if paired:
         parts += ["", "## Paired against the baseline", "", paired]

@@ -29,7 +29,7 @@ from .report import aggregate, write_report
 from .sweep import compute_sweep, routing_state
 
 __all__ = ["probe_routing", "calibrate_topp_threshold", "run_arm", "summarize_run", "check_inputs", "run_study",
-           "time_arms"]
+           "report_study", "time_arms"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -520,7 +520,45 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
     return summary
 
 
-def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, thresholds: dict, state=None) -> dict:
+def report_study(study: StudyConfig, plots_dir: Optional[Path] = None,
+                 only_arms: Optional[Sequence[str]] = None) -> dict:
+    """The report of what has finished -- records, and finished run folders -- without running anything: the state
+    of a study that takes several sittings (``dit-moe study CONFIG --report-only``). Timings come from the cache
+    only; what is not finished is listed in the report."""
+    check_inputs(study, 1, "cpu", only_arms)
+    arms = [a for a in study.arms if only_arms is None or a.name in only_arms]
+    runs, missing = [], []
+    for arm in arms:
+        threshold = _known_threshold(study, arm)
+        for seed in study.seeds:
+            done = None
+            if arm.calibrate_from is None or threshold is not None:
+                done = _finished(study, arm, seed, arm_config(study, arm, seed, threshold))
+            (runs if done is not None else missing).append(done if done is not None else f"{arm.name}-s{seed}")
+    if not runs:
+        raise StudyError(f"{study.path}: no finished run to report (records: {study.records}, runs: "
+                         f"{study.output / 'runs'})")
+    timing = time_arms(study, arms, "cpu", {}, measure=False)
+    summary = aggregate(study, runs, timing)
+    summary["missing"] = missing
+    study.output.mkdir(parents=True, exist_ok=True)
+    write_report(study, summary, plots_dir)
+    return summary
+
+
+def _known_threshold(study: StudyConfig, arm: ArmSpec) -> Optional[float]:
+    """A calibrated arm's threshold as recorded (records first, then the output's cache); None if not calibrated."""
+    if arm.calibrate_from is None:
+        return None
+    for folder in (study.records, study.output):
+        entry = read_cache(folder / CALIBRATION_FILE).get(arm.name) if folder is not None else None
+        if entry and entry.get("target") == arm.calibrate_target:
+            return entry["threshold"]
+    return None
+
+
+def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, thresholds: dict, state=None,
+              measure: bool = True) -> dict:
     """Seconds per training step of every arm, measured one arm after another with all cores (cached).
 
     The study's own s/step depends on what ran beside each run (``--jobs``) and on other load on the machine; this
@@ -545,6 +583,8 @@ def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, threshol
         found = [k for k in recorded if k.startswith(f"{arm.name}@{steps}@{device}@")]
         if key not in cache and found:
             key = found[0]
+        if key not in cache and not measure:
+            continue
         if key not in cache:
             cfg = arm_config(study, arm, study.seeds[0], thresholds.get(arm.name))
             cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = steps, max(1, steps // 4), steps
