@@ -41,6 +41,7 @@ def test_records_hold_what_the_report_needs(recorded):
     assert rec["config"]["routing"]["type"] == "dtopp" and rec["config"]["train"]["steps"] == 2
     assert rec["regenerate"].endswith("--arms dtopp --seeds 0")
     assert rec["toolkit"]["version"] and "train_cpu_s" in rec["timings"] and "sweep_s" in rec["timings"]
+    assert rec["timings"]["resumed"] is False            # a run of one process: its seconds are the whole cost
     state = rec["routing_state"]
     assert len(state["drn_scale_per_layer"]) == len(state["threshold_per_layer"]) == len(state["train_active_per_layer"])
     assert 0 <= state["drn_layers_at_bound"] <= len(state["drn_scale_per_layer"])

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..checkpoint import list_checkpoints
 from ..config import ExperimentConfig
 from ..errors import TrainingInterrupted
 from .config import CALIBRATION_FILE, RESULT_FILE, TIMING_FILE, ArmSpec, EvalSpec, StudyConfig, StudyError, arm_config
@@ -204,6 +205,8 @@ def _train_and_evaluate(study: StudyConfig, arm: ArmSpec, seed: int, cfg: Experi
     run_dir = run_dir_of(cfg)
     ev = study.evaluation
     timings = {}        # wall seconds per stage, and this process's CPU seconds (the cost on a shared machine)
+    # A run continued from an earlier process's checkpoint or samples: its seconds count this process's part only.
+    timings["resumed"] = bool(list_checkpoints(run_dir)) or (run_dir / "study_samples" / "images").is_dir()
     toolkit = toolkit_info()
 
     t0, c0 = time.time(), time.process_time()
