@@ -129,8 +129,9 @@ def sweep_table(sweep: dict) -> str:
     for arm, s in sweep.items():
         for p in s["points"]:
             value = p[s["kind"]]
-            budget = (f"target {value:g}" if s["kind"] == "target_experts" else f"k = {value}") + \
-                (" (trained)" if value == s["trained"] else "")
+            trained = value == s["trained"]
+            budget = (f"target {value:g}" + (" (trained target; threshold re-calibrated)" if trained else "")
+                      if s["kind"] == "target_experts" else f"k = {value}" + (" (trained)" if trained else ""))
             ms = lambda k, d, sc=1.0: f"{_num(p[k], d, sc)} ± {_num(p[k + '_std'], d, sc)}"
             lines.append(f"| {arm} | {budget} | {ms('active_mean', 2)} | {ms('fid', 2)} | "
                          f"{ms('classifier_accuracy', 1, 100)} | {len(p['seeds'])} |")
