@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -105,6 +106,32 @@ def build_parser(name: str, prog: Optional[str] = None) -> argparse.ArgumentPars
 
 
 def dispatch(label: str, name: str, args: argparse.Namespace) -> int:
+    """Run command ``name`` on parsed ``args`` (``_run``) and return its exit code.
+
+    A process that sharded a model over several ranks (``train.strategy=fsdp`` under torchrun / accelerate) ends
+    here, with ``os._exit`` after flushing, instead of returning: its process group outlives
+    ``destroy_process_group`` (dit_moe/training/fsdp.py says why) and tearing it down with the interpreter can abort
+    a rank after a finished run. Everything worth keeping is written and flushed by then.
+    """
+    code = _run(label, name, args)
+    fsdp = sys.modules.get("dit_moe.training.fsdp")     # never imported -> nothing was sharded
+    if fsdp is not None and fsdp.sharded_over_processes():
+        end_process_now(code)
+    return code
+
+
+def end_process_now(code: int) -> None:
+    """Flush the log handlers and the standard streams, then leave with ``code`` without interpreter teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):     # a closed or broken stream: nothing more can reach it
+            pass
+    os._exit(code)
+
+
+def _run(label: str, name: str, args: argparse.Namespace) -> int:
     """Run command ``name`` on parsed ``args``; a user error becomes one line ``<label>: error: ...``, exit code 2.
 
     User errors are the toolkit's ``DitMoeError`` (every module raises it, or a subclass, for bad input) and

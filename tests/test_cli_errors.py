@@ -310,6 +310,37 @@ def test_models_command_and_train_through_dit_moe(tmp_path, capsys):
     assert "routing.target=9.0 must be in [1, 8]" in line and list(tmp_path.iterdir()) == []
 
 
+SHARDED = """
+import atexit, sys
+import dit_moe.training.fsdp as fsdp
+from dit_moe.cli import main
+fsdp._sharded_over_processes = {sharded}
+atexit.register(lambda: print("interpreter teardown ran"))
+code = main(sys.argv[1:])
+print("main returned", code)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_a_process_that_sharded_a_model_ends_without_teardown_with_its_exit_code(tmp_path, sharded):
+    """After train.strategy=fsdp over several ranks the command's exit code is kept, its output flushed, and the
+    interpreter teardown (where torch's leftover process group can abort a rank) skipped; otherwise nothing changes."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    script = SHARDED.format(sharded=sharded)
+    for argv, code, out in ((["models", "--input-size", "32"], 0, "DiT-XL/2"),
+                            (["train", f"train.run_dir={tmp_path}", "routing.target=9"], 2, "")):
+        proc = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == code, proc.stderr[-2000:]
+        assert out in proc.stdout
+        if code == 2:
+            assert "dit-moe train: error:" in proc.stderr and "routing.target=9.0" in proc.stderr
+        ran_teardown = "interpreter teardown ran" in proc.stdout and "main returned" in proc.stdout
+        assert ran_teardown is not sharded, proc.stdout[-500:]
+
+
 def test_every_user_error_class_derives_from_the_base():
     from dit_moe.convert import ConvertError
     from dit_moe.inference import InferenceError

@@ -22,12 +22,12 @@ from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# `dit-moe train`'s own entry: a rank that sharded a model ends there without interpreter teardown (dit_moe/cli.py).
 SCRIPT = textwrap.dedent("""
     import sys
-    from dit_moe.config import load_config
-    from dit_moe.training import train
+    from dit_moe.cli import run_command
     resume = sys.argv[1]
-    train(load_config(None, sys.argv[2:]), resume=None if resume == "new" else resume)
+    sys.exit(run_command("train", ([] if resume == "new" else ["--resume", resume]) + sys.argv[2:]))
 """)
 
 EXPERIMENT = ["model.name=DiT-T/2-E8K2", "model.input_size=8", "model.in_channels=1", "model.num_classes=10",
