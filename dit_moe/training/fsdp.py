@@ -36,9 +36,10 @@ import torch.nn as nn
 
 # Set once this process has sharded a model over several ranks. torch 2.14's FSDP2 keeps the gloo/NCCL process
 # group reachable after ``destroy_process_group`` (DTensor's sharding caches hold the DeviceMesh, which holds the
-# group; measured: 13 threads left after a 2-rank CPU training run, 2 after the same run under ddp), so the group is torn down only during
-# interpreter finalization, where a rank can abort ("terminate called without an active exception", seen once in
-# CI after a finished run). ``dit_moe.cli`` reads this to end such a process without that teardown.
+# group; measured: 13 threads left after a 2-rank CPU training run, 2 after the same run under ddp), so the group is
+# torn down only during interpreter finalization, where a rank can abort ("terminate called without an active
+# exception", seen once in CI after a finished run). ``dit_moe.cli`` reads this to end such a process without that
+# teardown.
 _sharded_over_processes = False
 
 
@@ -68,7 +69,8 @@ class Sharding:
 
         self.accelerator = accelerator
         self.mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-        _sharded_over_processes = _sharded_over_processes or accelerator.num_processes > 1
+        if accelerator.num_processes > 1:
+            _sharded_over_processes = True
         self.scalars: set[str] = set()         # names of 0-d parameters stored as (1,) while sharded
 
     # ----------------------------------------------------------------------------------- sharding
