@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dit_moe.checkpoint import build_from_checkpoint, is_checkpoint, list_checkpoints
 from dit_moe.data import build_dataset
+from dit_moe.weights.build import build_from_checkpoint
+from dit_moe.weights.checkpoint import is_checkpoint, list_checkpoints
 
 
 def _checkpoints(paths: list[str]) -> list[Path]:

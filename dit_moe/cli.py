@@ -54,8 +54,8 @@ COMMANDS = {
     "demo": Command("dit_moe.demo", "the whole pipeline on the embedded digits (make demo)", True),
     "models": Command("dit_moe.cli", "registry names with parameters and GFLOPs per image",
                       add_arguments="add_models_arguments", run="run_models"),
-    "convert": Command("dit_moe.convert", "import DiT / diffusers weights; export to diffusers"),
-    "upcycle": Command("dit_moe.upcycle", "turn a dense checkpoint into an MoE (experts = its MLP)", True),
+    "convert": Command("dit_moe.weights.convert", "import DiT / diffusers weights; export to diffusers"),
+    "upcycle": Command("dit_moe.weights.upcycle", "turn a dense checkpoint into an MoE (experts = its MLP)", True),
 }
 
 

@@ -40,7 +40,7 @@ class ModelConfig:
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     grad_checkpointing: bool = False
-    # Numerical conventions of imported models (the defaults are the original DiT's; see dit_moe/convert.py).
+    # Numerical conventions of imported models (the defaults are the original DiT's; see dit_moe/weights/convert.py).
     timestep_freq_shift: int = 0      # timestep frequencies exp(-ln(1e4) i / (half - shift)); diffusers' DiT: 1
     mlp_norm_eps: float = 1e-6        # eps of the LayerNorm before each block's MLP; diffusers' DiT: its norm_eps
     # MoE experts (ignored for dense names)

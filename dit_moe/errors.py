@@ -7,7 +7,7 @@ its traceback.
 
     DitMoeError
       ConfigError (also a ValueError)          dit_moe.config: a config key, value or cross-section rule
-      CheckpointError (also a RuntimeError)    dit_moe.checkpoint: missing, corrupt or unfit checkpoint
+      CheckpointError (also a RuntimeError)    dit_moe.weights.checkpoint: missing, corrupt or unfit checkpoint
       DataError (also a ValueError)            a dataset, shard, manifest or image that cannot be used
       InputNotFoundError (also a FileNotFoundError)   a path the user named does not exist
       EvaluationError (also a ValueError)      dit_moe.evaluate: inputs that cannot be compared
@@ -15,8 +15,8 @@ its traceback.
       AnalysisError (also a ValueError)        dit_moe.analyze: a dense model, a missing log, bad classes
       InferenceError (also a ValueError)       dit_moe.inference: a checkpoint that cannot become a sampler, a device
       StudyError (also a ValueError)           dit_moe.study: a study config key or value, a failed study step
-      ConvertError, LayoutError (ValueErrors)  dit_moe.convert / layouts: a source that cannot be converted
-      UpcycleError (also a ValueError)         dit_moe.upcycle: a request that cannot be honoured
+      ConvertError, LayoutError (ValueErrors)  dit_moe.weights.convert / layouts: a source that cannot be converted
+      UpcycleError (also a ValueError)         dit_moe.weights.upcycle: a request that cannot be honoured
       TrainingError (also a RuntimeError)      training cannot continue
         TrainingDivergedError                  the loss became NaN or infinite
         TrainingInterrupted                    SIGTERM/SIGINT; a checkpoint was written (exit 128 + signal)

@@ -12,6 +12,8 @@
 
 ``from_model`` builds the same bundle around a model in memory (the EMA grid during training). sample.py, the
 training grid, ``dit_moe.analyze``, the demo and the study all start here; nothing else rebuilds a sampling model.
+The model itself comes from ``dit_moe.weights.build.build_from_checkpoint``, the one builder of a model from a
+checkpoint (which reads its config.json once).
 """
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ from typing import Callable, Optional
 import torch
 
 from .config import DiffusionConfig, ExperimentConfig, SampleConfig
-from .data import DataInfo
+from .data import DataInfo, load_decoder
+from .diffusion import build_objective
 from .errors import DitMoeError
+from .weights.build import build_from_checkpoint
+from .weights.checkpoint import Checkpoint
 
 __all__ = ["InferenceError", "InferenceBundle", "load", "from_model", "get_decoder", "resolve_device"]
 
@@ -53,8 +58,6 @@ def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
 
 @functools.lru_cache(maxsize=4)
 def _cached_decoder(info: DataInfo, device: torch.device, vae: Optional[str]):
-    from .data import load_decoder
-
     return load_decoder(info, device=device, vae=vae)
 
 
@@ -72,7 +75,7 @@ class InferenceBundle:
     defaults: SampleConfig
     device: torch.device
     experiment: Optional[ExperimentConfig] = None
-    checkpoint: Optional[object] = None          # dit_moe.checkpoint.Checkpoint when loaded from disk
+    checkpoint: Optional[Checkpoint] = None      # when loaded from disk
     weights: str = "ema"
     vae: Optional[str] = None                    # decoder override (hub id or local folder)
     decodable: bool = True                       # False: latents without a VAE to decode them (see load)
@@ -134,18 +137,17 @@ def _fallback_data_info(ckpt, vae: Optional[str]) -> tuple[DataInfo, bool]:
 
 
 def load(path: str | Path, weights: str = "ema", device: Optional[str | torch.device] = None,
-         vae: Optional[str] = None) -> InferenceBundle:
+         vae: Optional[str] = None, check: Optional[Callable[[Checkpoint], None]] = None) -> InferenceBundle:
     """The bundle of the checkpoint at ``path`` (a checkpoint folder, or a run folder: its latest checkpoint).
 
     weights: ``ema`` (falls back to the raw weights when none were saved) or ``model``; device: default CUDA when
-    available; vae: decode with this AutoencoderKL instead of the checkpoint's. Raises CheckpointError (missing or
-    broken checkpoint), ConfigError (inconsistent configuration) or InferenceError (unusable data_info).
+    available; vae: decode with this AutoencoderKL instead of the checkpoint's; check: called with the checkpoint's
+    description before its weights are read (``weights.build.build_from_checkpoint``), to refuse it early. Raises
+    CheckpointError (missing or broken checkpoint), ConfigError (inconsistent configuration) or InferenceError
+    (unusable data_info).
     """
-    from .checkpoint import build_from_checkpoint
-    from .diffusion import build_objective
-
     device = resolve_device(device)
-    model, ckpt = build_from_checkpoint(path, which=weights, device=device)
+    model, ckpt = build_from_checkpoint(path, which=weights, device=device, check=check)
     experiment = ckpt.experiment
     objective = build_objective(experiment.diffusion if experiment is not None else DiffusionConfig(),
                                 learn_sigma=ckpt.model_config.learn_sigma)
@@ -165,8 +167,6 @@ def load(path: str | Path, weights: str = "ema", device: Optional[str | torch.de
 def from_model(model: torch.nn.Module, experiment: ExperimentConfig, data_info: DataInfo | dict,
                device: Optional[str | torch.device] = None, weights: str = "ema") -> InferenceBundle:
     """A bundle around a model in memory (e.g. the trainer's EMA copy), described by its experiment config."""
-    from .diffusion import build_objective
-
     info = data_info if isinstance(data_info, DataInfo) else DataInfo.from_dict(data_info)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     learn_sigma = bool(getattr(model, "learn_sigma", experiment.model.learn_sigma))

@@ -11,7 +11,7 @@ import torch
 
 from dit_moe.analyze import (AnalysisError, analyze_checkpoint, default_out_dir, main,
                              plot_training_curves, read_metrics)
-from dit_moe.checkpoint import CheckpointError, save_checkpoint
+from dit_moe.weights.checkpoint import CheckpointError, save_checkpoint
 from dit_moe.config import RoutingConfig
 from dit_moe.data import DataInfo
 from dit_moe.models import moe

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from dit_moe.checkpoint import (CheckpointError, build_from_checkpoint, load_checkpoint, load_weights,
-                                resolve_checkpoint, save_checkpoint)
+from dit_moe.weights.build import build_from_checkpoint, load_weights
+from dit_moe.weights.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from dit_moe.config import ExperimentConfig
 from dit_moe.registry import build_model
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import train as train_cli
-from dit_moe.checkpoint import CheckpointError
+from dit_moe.weights.checkpoint import CheckpointError
 from dit_moe.config import ConfigError, ExperimentConfig, load_config, validate
 from dit_moe.errors import DataError, DitMoeError, EvaluationError, InputNotFoundError, TrainingError, one_line
 
@@ -342,12 +342,12 @@ def test_a_process_that_sharded_a_model_ends_without_teardown_with_its_exit_code
 
 
 def test_every_user_error_class_derives_from_the_base():
-    from dit_moe.convert import ConvertError
+    from dit_moe.weights.outputs import ConvertError
     from dit_moe.inference import InferenceError
-    from dit_moe.layouts import LayoutError
+    from dit_moe.weights.layouts import LayoutError
     from dit_moe.sampling import AnalysisError, SamplingError
     from dit_moe.study import StudyError
-    from dit_moe.upcycle import UpcycleError
+    from dit_moe.weights.upcycle import UpcycleError
 
     for cls in (SamplingError, AnalysisError, InferenceError, StudyError, ConvertError, LayoutError, UpcycleError):
         assert issubclass(cls, DitMoeError) and issubclass(cls, ValueError), cls
@@ -384,7 +384,7 @@ def test_os_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsy
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A Top-k MoE run folder and a dense checkpoint of 8x8 one-channel 'digits' (10 classes)."""
-    from dit_moe.checkpoint import save_checkpoint
+    from dit_moe.weights.checkpoint import save_checkpoint
     from dit_moe.config import RoutingConfig
     from dit_moe.data import DataInfo
     from dit_moe.registry import build_model
@@ -586,7 +586,7 @@ def test_bad_demo_input_exits_2_before_training(tmp_path, capsys, args, match):
 
 
 def test_bad_convert_and_upcycle_input_exit_2_and_create_nothing(checkpoints, tmp_path, capsys):
-    from dit_moe import convert, upcycle
+    from dit_moe.weights import convert, upcycle
 
     tmp = _inputs(tmp_path)
     dense = str(checkpoints[1])

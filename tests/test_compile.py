@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dit_moe.checkpoint import list_checkpoints
+from dit_moe.weights.checkpoint import list_checkpoints
 from dit_moe.config import ConfigError, RoutingConfig, validate
 from dit_moe.models.compile import compile_blocks, graph_breaks, is_compiled
 from dit_moe.models.moe import collect_aux_loss, moe_layers, routing_step

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from dit_moe.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
-from dit_moe.convert import main
+from dit_moe.weights.build import build_from_checkpoint
+from dit_moe.weights.checkpoint import load_checkpoint, save_checkpoint
+from dit_moe.weights.convert import main
 from dit_moe.registry import build_model
 
 TOL = 1e-10
@@ -164,7 +165,7 @@ def test_pipeline_folder_records_its_vae_and_untied_embedders_are_refused(tmp_pa
 def test_hub_id_offline_without_cache_says_where_to_put_files(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": os.getcwd()}
     env.pop("HF_HUB_CACHE", None)
-    proc = subprocess.run([sys.executable, "-m", "dit_moe.convert", "facebook/DiT-XL-2-256", "--out",
+    proc = subprocess.run([sys.executable, "-m", "dit_moe.weights.convert", "facebook/DiT-XL-2-256", "--out",
                            str(tmp_path / "out")], env=env, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
@@ -182,7 +183,7 @@ def test_hub_id_from_the_offline_cache(tmp_path):
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": os.getcwd()}
     env.pop("HF_HUB_CACHE", None)
-    proc = subprocess.run([sys.executable, "-m", "dit_moe.convert", "someone/tiny-dit", "--out", str(tmp_path / "ckpt")],
+    proc = subprocess.run([sys.executable, "-m", "dit_moe.weights.convert", "someone/tiny-dit", "--out", str(tmp_path / "ckpt")],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = load_checkpoint(tmp_path / "ckpt")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dit_moe import inference, sampling
-from dit_moe.checkpoint import save_checkpoint
+from dit_moe.weights.checkpoint import save_checkpoint
 from dit_moe.config import DiffusionConfig, ExperimentConfig, ModelConfig, SampleConfig
 from dit_moe.data import DataInfo
 from dit_moe.diffusion import DDPMObjective, RectifiedFlow

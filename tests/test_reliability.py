@@ -192,7 +192,8 @@ def test_nan_weights_are_refused_for_sampling_naming_the_tensor(tiny_ckpt, tmp_p
 def test_nan_weights_are_refused_by_analysis_and_conversion(tiny_ckpt, tmp_path):
     import shutil
 
-    from dit_moe.checkpoint import CheckpointError, build_from_checkpoint
+    from dit_moe.weights.build import build_from_checkpoint
+    from dit_moe.weights.checkpoint import CheckpointError
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, ckpt)
@@ -200,7 +201,7 @@ def test_nan_weights_are_refused_by_analysis_and_conversion(tiny_ckpt, tmp_path)
     build_from_checkpoint(ckpt, "ema")                         # the EMA weights are fine
     with pytest.raises(CheckpointError, match="model.safetensors: tensor 'final_layer.linear.weight'"):
         build_from_checkpoint(ckpt, "model")
-    from dit_moe.convert import main as convert_main
+    from dit_moe.weights.convert import main as convert_main
     _poison(ckpt, files=("ema.safetensors",))
     assert convert_main([str(ckpt), "--to", "diffusers", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
@@ -229,7 +230,8 @@ def test_weights_of_another_routing_type_are_refused(tmp_path, capsys):
 
     from safetensors.torch import load_file, save_file
 
-    from dit_moe.checkpoint import CheckpointError, build_from_checkpoint
+    from dit_moe.weights.build import build_from_checkpoint
+    from dit_moe.weights.checkpoint import CheckpointError
     from dit_moe.config import RoutingConfig
     from dit_moe.sampling import main
     from test_sampling import _save
@@ -312,28 +314,32 @@ def _close(a, b) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 def _rotating_run(tmp_path, monkeypatch, tiny_ckpt, reads_before_rotation=0):
-    """A run folder with one checkpoint; the first config read rotates it away (a newer one published, the old
-    one renamed aside and deleted), as `train.keep_last=1` does between a reader's listing and its read."""
+    """A run folder with one checkpoint; read number ``reads_before_rotation + 1`` (0: the description, 1: the
+    weights) rotates it away (a newer one published, the old one renamed aside and deleted), as
+    `train.keep_last=1` does between a reader's listing and its read."""
     import shutil
 
-    import dit_moe.checkpoint as checkpoint_mod
+    import dit_moe.weights.build as build_mod
+    import dit_moe.weights.checkpoint as checkpoint_mod
 
     root = tmp_path / "run" / "checkpoints"
     root.mkdir(parents=True)
     shutil.copytree(tiny_ckpt, root / "step-0000001")
-    original = checkpoint_mod.load_checkpoint
     calls = []
 
-    def rotating(path):
-        calls.append(path)
-        if len(calls) == reads_before_rotation + 1:
-            shutil.copytree(tiny_ckpt, root / ".staging")
-            os.replace(root / ".staging", root / "step-0000002")           # published atomically
-            os.replace(root / "step-0000001", root / ".step-0000001.trash")  # rotated: renamed, then deleted
-            shutil.rmtree(root / ".step-0000001.trash")
-        return original(path)
+    def rotating(original, folder_of):
+        def read(path):
+            calls.append(folder_of(Path(path)))
+            if len(calls) == reads_before_rotation + 1:
+                shutil.copytree(tiny_ckpt, root / ".staging")
+                os.replace(root / ".staging", root / "step-0000002")           # published atomically
+                os.replace(root / "step-0000001", root / ".step-0000001.trash")  # rotated: renamed, then deleted
+                shutil.rmtree(root / ".step-0000001.trash")
+            return original(path)
+        return read
 
-    monkeypatch.setattr(checkpoint_mod, "load_checkpoint", rotating)
+    monkeypatch.setattr(build_mod, "load_checkpoint", rotating(build_mod.load_checkpoint, lambda p: p))
+    monkeypatch.setattr(checkpoint_mod, "load_tensors", rotating(checkpoint_mod.load_tensors, lambda f: f.parent))
     return tmp_path / "run", calls
 
 
@@ -348,7 +354,8 @@ def test_sampling_a_run_whose_checkpoint_is_rotated_away_reads_the_newest(tmp_pa
 
 
 def test_an_explicit_checkpoint_that_vanishes_is_still_an_error(tmp_path, monkeypatch, tiny_ckpt):
-    from dit_moe.checkpoint import CheckpointError, build_from_checkpoint
+    from dit_moe.weights.build import build_from_checkpoint
+    from dit_moe.weights.checkpoint import CheckpointError
 
     run, _ = _rotating_run(tmp_path, monkeypatch, tiny_ckpt)
     with pytest.raises(CheckpointError, match="step-0000001: no such checkpoint"):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dit_moe.checkpoint import list_checkpoints
+from dit_moe.weights.checkpoint import list_checkpoints
 from dit_moe.config import load_config, save_config
 from dit_moe.errors import RunLockedError, TrainingError
 from dit_moe.training import LOCK_FILE, RunLock, train

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dit_moe import sampling
-from dit_moe.checkpoint import save_checkpoint
+from dit_moe.weights.checkpoint import save_checkpoint
 from dit_moe.config import ExperimentConfig, RoutingConfig, SampleConfig
 from dit_moe.data import DataInfo, load_decoder
 from dit_moe.diffusion import GaussianDiffusion, linspace_timesteps
@@ -423,7 +423,7 @@ def test_meter_counts_topk_experts(tmp_path):
 
 
 def test_calibrate_dtopp_threshold(dtopp_ckpt):
-    from dit_moe.checkpoint import build_from_checkpoint
+    from dit_moe.weights.build import build_from_checkpoint
 
     model, _ = build_from_checkpoint(dtopp_ckpt)
     before = model.routing_controller.threshold.clone()

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dit_moe import checkpoint as checkpoint_mod
-from dit_moe.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from dit_moe.weights import checkpoint as checkpoint_mod
+from dit_moe.weights.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from dit_moe.config import load_config, save_config
 from dit_moe.diffusion import GaussianDiffusion
 from dit_moe.errors import DataError, TrainingInterrupted
@@ -477,7 +477,7 @@ def test_bad_init_from_exits_2_and_leaves_no_run_folder(tmp_path, capsys, what):
         source, match = tmp_path / "nowhere", "train.init_from="
     else:
         source = list_checkpoints(train(tiny(tmp_path, "dense", "model.name=DiT-T/2", "train.steps=1")))[-1]
-        match = "python -m dit_moe.upcycle"
+        match = "dit-moe upcycle"
     capsys.readouterr()
     save_config(tiny(tmp_path, "run", f"train.init_from={source}"), tmp_path / "run.yaml")
     assert cli.main(["--config", str(tmp_path / "run.yaml")]) == 2

@@ -1,16 +1,17 @@
 """Sparse upcycling and train.init_from: the upcycled model equals the dense one at step 0 exactly where
-dit_moe.upcycle.exactness says so (float64, every router, Default MoE, copies and partitions), seeded noise,
+dit_moe.weights.upcycle.exactness says so (float64, every router, Default MoE, copies and partitions), seeded noise,
 one training step per router from an upcycled checkpoint, and refusals."""
 import pytest
 import torch
 
-from dit_moe.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, save_checkpoint
+from dit_moe.weights.build import build_from_checkpoint
+from dit_moe.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dit_moe.config import load_config
 from dit_moe.diffusion import GaussianDiffusion
-from dit_moe.init_from import load_init_weights
+from dit_moe.weights.init_from import load_init_weights
 from dit_moe.models import moe
 from dit_moe.registry import build_model
-from dit_moe.upcycle import UpcycleError, main, upcycle
+from dit_moe.weights.upcycle import UpcycleError, main, upcycle
 
 TOL = 1e-12
 SMALL = dict(input_size=4, in_channels=4, num_classes=10)
@@ -170,7 +171,7 @@ def test_init_from_refuses_what_does_not_fit(dense, tmp_path):
                                  f"train.init_from={dense}"])
     assert cfg.train.init_from == str(dense)
     model, ema = build_model(cfg), build_model(cfg)
-    with pytest.raises(CheckpointError, match=r"python -m dit_moe.upcycle .* --model DiT-T/2-E4K2"):
+    with pytest.raises(CheckpointError, match=r"dit-moe upcycle .* --model DiT-T/2-E4K2"):
         load_init_weights(model, ema, dense)
     up = run(dense, tmp_path, "DiT-T/2-E4K2", "topk")
     dtopp = load_config(overrides=["model.name=DiT-T/2-E4K2", "model.input_size=4", "model.num_classes=10",

@@ -81,7 +81,6 @@ def analyze_checkpoint(
 
     import torch
 
-    from ..checkpoint import load_checkpoint, read_newest
     from ..data import to_uint8
     from ..inference import InferenceError, load
     from ..registry import parse_name
@@ -89,14 +88,14 @@ def analyze_checkpoint(
 
     if num_per_class < 1 or batch_size < 1 or spatial_steps < 1 or num_buckets < 1:
         raise AnalysisError("num_per_class, batch_size, spatial_steps and num_buckets must be >= 1")
-    ckpt = read_newest(path, load_checkpoint)   # CheckpointError naming the path when it is missing or broken
-    if not parse_name(ckpt.model_config.name).is_moe:
-        raise AnalysisError(f"{ckpt.path}: {ckpt.model_config.name} is not an MoE model (a dense model has no "
-                            "routers to analyze)")
-    try:
-        # From ``path`` again, not ckpt.path: in a run that is training, that checkpoint may be rotated away by now
-        # (the bundle then holds the newest one; its description is the one used from here on).
-        bundle = load(path, weights=which, device=device, vae=vae)
+
+    def moe_only(ckpt) -> None:     # before any weight is read
+        if not parse_name(ckpt.model_config.name).is_moe:
+            raise AnalysisError(f"{ckpt.path}: {ckpt.model_config.name} is not an MoE model (a dense model has no "
+                                "routers to analyze)")
+
+    try:    # CheckpointError naming the path when it is missing or broken
+        bundle = load(path, weights=which, device=device, vae=vae, check=moe_only)
     except InferenceError as e:
         raise AnalysisError(str(e)) from e
     ckpt = bundle.checkpoint

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..checkpoint import list_checkpoints
+from ..weights.checkpoint import list_checkpoints
 from ..config import ExperimentConfig
 from ..errors import TrainingInterrupted
 from .config import CALIBRATION_FILE, RESULT_FILE, TIMING_FILE, ArmSpec, EvalSpec, StudyConfig, StudyError, arm_config

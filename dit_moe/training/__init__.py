@@ -9,7 +9,7 @@
         metrics.jsonl        one JSON object per logging step (keys below); never repeats a step
         metrics-superseded.jsonl   records of a continuation that a resume replaced (see metrics.py)
         tensorboard/         Accelerate tracker output (or wandb, ``train.tracker``)
-        checkpoints/step-XXXXXXX/   dit_moe.checkpoint format + ``accelerate/`` (optimizer, scheduler, scaler,
+        checkpoints/step-XXXXXXX/   dit_moe.weights.checkpoint format + ``accelerate/`` (optimizer, scheduler, scaler,
                                     RNG states of every rank, EMA, train state) for exact resume
         checkpoints/corrupt-step-XXXXXXX/   a checkpoint found corrupt on resume, kept for inspection
         samples/             EMA sample grids (when ``dit_moe.sampling`` is available)

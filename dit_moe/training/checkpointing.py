@@ -1,6 +1,6 @@
 """Checkpoints of a run: validation, the save sequence, rotation, and the sweep of what a crash leaves behind.
 
-A training checkpoint is a ``dit_moe.checkpoint`` directory plus ``accelerate/`` (model, optimizer, schedule,
+A training checkpoint is a ``dit_moe.weights.checkpoint`` directory plus ``accelerate/`` (model, optimizer, schedule,
 grad scaler, every rank's RNG state, EMA, train state). The save sequence keeps, at every instant, at least one
 complete checkpoint visible to ``--resume latest`` (tests/test_training_faults.py kills it at each point):
 
@@ -30,8 +30,8 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
-from ..checkpoint import (EMA_FILE, MODEL_FILE, CheckpointError, list_checkpoints, load_checkpoint, load_tensors,
-                          save_checkpoint)
+from ..weights.checkpoint import (EMA_FILE, MODEL_FILE, CheckpointError, list_checkpoints, load_checkpoint,
+                                  load_tensors, save_checkpoint)
 from .stop import any_rank, on_main
 
 logger = logging.getLogger("dit_moe.train")

@@ -221,7 +221,7 @@ class Sharding:
 
 
 class Gathered:
-    """Full state dicts of one checkpoint (rank 0). Quacks like the model for ``dit_moe.checkpoint.save_checkpoint``
+    """Full state dicts of one checkpoint (rank 0). Quacks like the model for ``dit_moe.weights.checkpoint.save_checkpoint``
     (``model_config``, ``routing_config``, ``state_dict()``), which writes the weights files from it."""
 
     def __init__(self, model: dict, ema: dict, optimizer: dict, raw_model: nn.Module):

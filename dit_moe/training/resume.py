@@ -20,7 +20,7 @@ import pickle
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import CheckpointError, is_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
+from ..weights.checkpoint import CheckpointError, is_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
 from ..config import ConfigError, ExperimentConfig
 from .checkpointing import ACCELERATE_DIR, CORRUPT_PREFIX, quarantine, step_of, sweep, validate_checkpoint
 from .rundir import run_dir_of

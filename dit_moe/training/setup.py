@@ -271,7 +271,7 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
     ema = build_model(cfg)
     ema.load_state_dict(model.state_dict())
     if init_from is not None:                # after build_model, before prepare: every rank loads the same weights
-        from ..init_from import load_init_weights
+        from ..weights.init_from import load_init_weights
 
         src = load_init_weights(model, ema, init_from)
         logger.info(f"train.init_from: model and EMA start from the weights of {src.path} (step {src.step} of "

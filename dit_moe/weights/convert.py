@@ -40,39 +40,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import re
 import sys
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torchvision.models import ResNet50_Weights
 
+from ..checks import check_at_least
+from ..config import DataConfig, ExperimentConfig, ModelConfig, SampleConfig, TrainConfig
+from ..data import DataInfo
+from ..registry import parse_name
 from .checkpoint import EMA_FILE, is_checkpoint, load_checkpoint, save_checkpoint
-from .checks import check_at_least
-from .config import DataConfig, ExperimentConfig, ModelConfig, SampleConfig, TrainConfig
-from .errors import DitMoeError
+from .export import export_diffusers
 from .layouts import (check_state, detect_layout, diffusers_model_config, diffusers_to_dit_moe, dit_to_dit_moe,
                       infer_dit_config, module_from_state)
-from .registry import parse_name
+from .outputs import ConvertError, one_line, prepare_output
 
-__all__ = ["ConvertError", "Imported", "read_source", "save_imported", "prepare_output", "dit_experiment", "one_line",
-           "imagenet_class_names", "add_arguments", "run", "main"]
+__all__ = ["Imported", "read_source", "save_imported", "dit_experiment", "imagenet_class_names", "add_arguments", "run",
+           "main"]
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"     # DiT's sample_ddp.py default for its FID runs
 SD_VAE_SCALING, SD_VAE_FACTOR = 0.18215, 8
 CONVENTIONS = ("dit", "diffusers")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ConvertError(DitMoeError, ValueError):
-    """A source that cannot be converted, or an output that must not be written; the message names it."""
-
-
-def one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 @dataclass
@@ -124,8 +123,6 @@ def _conventions(convention: Optional[str], source_kind: str, norm_eps: float = 
 
 def _torch_load(path: Path) -> object:
     # DiT's training checkpoints pickle their argparse options; that class (plain data) is the only one allowed.
-    import pickle
-    import zipfile
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -168,8 +165,6 @@ def _unwrap(obj: object, where: str) -> tuple[Optional[dict], Optional[dict], di
 def _read_weights_file(path: Path, convention, vae, input_size) -> Imported:
     where = str(path)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             obj = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -232,7 +227,8 @@ def _load_local_diffusers(path: Path):
     cls = json.loads((tdir / "config.json").read_text()).get("_class_name")
     if cls not in ("DiTTransformer2DModel", "Transformer2DModel"):
         raise ConvertError(f"{tdir / 'config.json'}: a {cls}, not a DiTTransformer2DModel")
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel   # here, not at the top: diffusers takes seconds to import
+
     try:
         transformer = DiTTransformer2DModel.from_pretrained(str(tdir))
     except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
@@ -242,8 +238,8 @@ def _load_local_diffusers(path: Path):
 
 def _load_hub_diffusers(repo_id: str):
     """A hub id -> (DiTTransformer2DModel, local snapshot folder), from the cache when offline."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
-    from huggingface_hub import constants, try_to_load_from_cache
+    from diffusers import AutoencoderKL, DiTTransformer2DModel   # here, not at the top: seconds to import
+
     try:
         with warnings.catch_warnings():     # diffusers passes a deprecated hub argument; not the user's concern
             warnings.simplefilter("ignore", UserWarning)
@@ -263,7 +259,6 @@ def _load_hub_diffusers(repo_id: str):
     except (OSError, ValueError) as e:
         print(f"note: {repo_id} has no usable vae/ ({one_line(e)}); recording {DEFAULT_VAE}", file=sys.stderr)
     try:
-        from huggingface_hub import hf_hub_download
         hf_hub_download(repo_id, "model_index.json")
     except Exception:  # noqa: BLE001 - optional: only the class names come from it
         pass
@@ -314,7 +309,6 @@ def dit_experiment(cfg: ModelConfig) -> ExperimentConfig:
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names in index order, from torchvision's weight metadata (shipped, no download)."""
-    from torchvision.models import ResNet50_Weights
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
@@ -331,7 +325,6 @@ def _vae_geometry(vae: str, channels: int) -> tuple[float, float, int]:
 
 
 def _data_info(cfg: ModelConfig, vae: Optional[str], names: Optional[list], source: str) -> dict:
-    from .data import DataInfo
     if vae is not None and Path(vae).is_dir():
         vae = str(Path(vae).resolve())          # a local folder: recorded absolute, so any working directory finds it
     if names is None:
@@ -346,22 +339,8 @@ def _data_info(cfg: ModelConfig, vae: Optional[str], names: Optional[list], sour
 #                                             Writing
 # ---------------------------------------------------------------------------------------------------------
 
-def prepare_output(out: str | os.PathLike, overwrite: bool, replaceable: Callable[[Path], bool], kind: str) -> Path:
-    """Refuse to write into an existing non-empty folder unless ``overwrite``, and even then only over a folder
-    that already is a ``kind`` output (never a user's other files). Nothing is written here."""
-    out = Path(out)
-    if out.is_file():
-        raise ConvertError(f"{out}: exists and is a file; --out must be a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConvertError(f"{out}: exists and is not empty; nothing written (pass --overwrite to replace it)")
-        if not replaceable(out):
-            raise ConvertError(f"{out}: refusing to replace a folder that is not a {kind}")
-    return out
-
-
 def save_imported(imp: Imported, out: str | os.PathLike, *, overwrite: bool = False, routing=None) -> Path:
-    """Write ``imp`` as a dit-moe checkpoint folder (atomically, through dit_moe.checkpoint.save_checkpoint)."""
+    """Write ``imp`` as a dit-moe checkpoint folder (atomically, through checkpoint.save_checkpoint)."""
     out = prepare_output(out, overwrite, is_checkpoint, "dit-moe checkpoint")
     routing = routing if routing is not None else imp.experiment.routing
     model = module_from_state(imp.model_config, imp.model, routing)
@@ -395,7 +374,6 @@ def run(args: argparse.Namespace) -> Path:
     if Path(args.out).resolve() == Path(args.source).resolve():
         raise ConvertError(f"--out {args.out} is the source itself")
     if args.to == "diffusers":
-        from .export import export_diffusers
         out = export_diffusers(args.source, args.out, which=args.weights, vae=args.vae,
                                transformer_only=args.transformer_only, overwrite=args.overwrite)
         print(f"wrote {out} (diffusers: DiTTransformer2DModel.from_pretrained('{out}', subfolder='transformer')"
@@ -417,9 +395,10 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import run_command
+    """``python -m dit_moe.weights.convert``: the command's own entry (``dit-moe convert`` is the same)."""
+    from ..cli import run_command   # the command line sits above this layer: reached only when run as a program
 
-    return run_command("convert", argv, prog="python -m dit_moe.convert", label="convert")
+    return run_command("convert", argv, prog="python -m dit_moe.weights.convert", label="convert")
 
 
 if __name__ == "__main__":

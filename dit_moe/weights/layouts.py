@@ -10,7 +10,7 @@ q, k and v are three linears (``attn1.to_q/to_k/to_v``), and every block holds i
 label embedders (``transformer_blocks.i.norm1.emb``; the final layer reads block 0's). Models converted from DiT
 hold identical copies; a model whose per-block embedders differ (one trained natively in diffusers) has no DiT
 counterpart and is refused. Its numerical conventions (timestep frequencies, MLP LayerNorm eps) are described in
-dit_moe/convert.py.
+dit_moe/weights/convert.py.
 
 Everything here works on plain ``{name: tensor}`` dicts; errors are ``LayoutError`` naming the tensor.
 """
@@ -22,10 +22,11 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError, ModelConfig, RoutingConfig
-from .errors import DitMoeError
-from .models.dit import get_2d_sincos_pos_embed
-from .registry import build_model, dense_name, parse_name
+from ..config import ConfigError, ModelConfig, RoutingConfig
+from ..errors import DitMoeError
+from ..models.dit import get_2d_sincos_pos_embed
+from ..registry import build_model, dense_name, parse_name
+from .build import fit
 
 __all__ = ["LayoutError", "detect_layout", "infer_dit_config", "dit_to_dit_moe", "diffusers_model_config",
            "diffusers_to_dit_moe", "dit_moe_to_diffusers", "check_state", "module_from_state"]
@@ -246,24 +247,20 @@ def dit_moe_to_diffusers(state: dict, cfg: ModelConfig) -> tuple[dict, dict]:
 #                                 Checking and holding dit-moe weights
 # ---------------------------------------------------------------------------------------------------------
 
+def _meta_model(cfg: ModelConfig, routing: Optional[RoutingConfig]) -> torch.nn.Module:
+    with torch.device("meta"):     # names and shapes only: no memory, no initialisation
+        return build_model(cfg, routing)
+
+
 def check_state(state: dict, cfg: ModelConfig, where: str, routing: Optional[RoutingConfig] = None) -> None:
-    """Refuse a state dict that does not fit ``build_model(cfg, routing)``, naming every tensor at fault (first 5)."""
-    with torch.device("meta"):
-        expected = {k: _shape(v) for k, v in build_model(cfg, routing).state_dict().items()}
-    problems = [f"missing tensor {k} {s}" for k, s in expected.items() if k not in state]
-    problems += [f"unexpected tensor {k}" for k in state if k not in expected]
-    problems += [f"tensor {k} has shape {_shape(state[k])}, expected {s}" for k, s in expected.items()
-                 if k in state and _shape(state[k]) != s]
-    if problems:
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise LayoutError(f"{where}: weights do not fit {cfg.name}: {'; '.join(problems[:5])}{more}")
+    """Refuse a state dict that does not fit ``build_model(cfg, routing)`` (``build.fit``: the tensors at fault)."""
+    fit(state, _meta_model(cfg, routing), where, error=LayoutError)
 
 
 def module_from_state(cfg: ModelConfig, state: dict, routing: Optional[RoutingConfig] = None) -> torch.nn.Module:
     """A model whose parameters and persistent buffers ARE the given tensors (built on the meta device, then the
     tensors assigned: no second copy of a large model). Non-persistent buffers stay on meta, so use the result
     for saving (``save_checkpoint``), not for computing."""
-    with torch.device("meta"):
-        model = build_model(cfg, routing)
+    model = _meta_model(cfg, routing)
     model.load_state_dict(state, strict=True, assign=True)
     return model

@@ -2,7 +2,7 @@
 
     dit-moe convert CHECKPOINT --to diffusers --out DIR [--weights ema|model] [--vae VAE] [--transformer-only]
 
-The inverse of the diffusers import (dit_moe/layouts.py): q, k, v split from the fused qkv, one copy of the
+The inverse of the diffusers import (dit_moe/weights/layouts.py): q, k, v split from the fused qkv, one copy of the
 timestep/label embedders per block, the MLP LayerNorm eps as the config's norm_eps. MoE models are refused (one
 dense MLP per diffusers block). diffusers hard-codes the timestep convention ``downscale_freq_shift=1``: a model
 with DiT's convention (model.timestep_freq_shift=0, everything trained here and every DiT file) exports with a
@@ -18,24 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import build_from_checkpoint
-from .convert import ConvertError, one_line, prepare_output
+from .build import build_from_checkpoint
 from .layouts import dit_moe_to_diffusers
+from .outputs import ConvertError, one_line, prepare_output, replace_dir
 
 __all__ = ["export_diffusers"]
 
 # DiT's training schedule (linear betas, T = 1000), for the scheduler of the exported DiTPipeline.
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -46,6 +36,7 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
                      vae: Optional[str] = None, transformer_only: bool = False, overwrite: bool = False) -> Path:
     """A dense dit-moe checkpoint -> ``out/transformer`` (DiTTransformer2DModel) and, with a VAE, a whole
     DiTPipeline folder (``vae/``, ``scheduler/``, ``model_index.json`` with the class names)."""
+    # Here, not at the top: diffusers takes seconds to import, and `dit-moe convert` loads this module for any source.
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     out = prepare_output(out, overwrite, _is_diffusers_folder, "diffusers folder")
@@ -81,7 +72,7 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
             names = info.get("class_names") or [str(i) for i in range(cfg.num_classes)]
             index["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

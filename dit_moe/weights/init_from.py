@@ -18,8 +18,9 @@ import os
 
 import torch
 
+from ..registry import parse_name
+from .build import fit
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .registry import parse_name
 
 __all__ = ["load_init_weights"]
 
@@ -46,21 +47,13 @@ def load_init_weights(model: torch.nn.Module, ema: torch.nn.Module, path: str | 
     own = model.state_dict()
     state.update({k: torch.zeros_like(v) for k, v in own.items()       # balancing starts here: b = 0
                   if k.endswith("router.balance_bias") and k not in state})
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        hint = ""
-        if mine is not None and parse_name(mine.name).is_moe and not parse_name(theirs.name).is_moe:
-            hint = f"; a dense checkpoint becomes an MoE one with: python -m dit_moe.upcycle {ckpt.path} --model {mine.name}"
-        elif mine is not None and getattr(model, "routing_config", None) is not None and \
-                model.routing_config.type != ckpt.routing_config.type:
-            hint = f" (routing.type {ckpt.routing_config.type} there, {model.routing_config.type} here)"
-        parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
-        raise CheckpointError(f"{where}: {ckpt.path} ({theirs.name}) does not fit the configured "
-                              f"{mine.name if mine is not None else 'model'}: {'; '.join(parts)}{hint}")
+    hint = ""
+    if mine is not None and parse_name(mine.name).is_moe and not parse_name(theirs.name).is_moe:
+        hint = f"; a dense checkpoint becomes an MoE one with: dit-moe upcycle {ckpt.path} --model {mine.name}"
+    elif mine is not None and getattr(model, "routing_config", None) is not None and \
+            model.routing_config.type != ckpt.routing_config.type:
+        hint = f" (routing.type {ckpt.routing_config.type} there, {model.routing_config.type} here)"
+    fit(state, model, f"{where}: {ckpt.path} ({theirs.name})", hint=hint)
     model.load_state_dict(state)
     ema.load_state_dict(state)
     return ckpt

@@ -54,12 +54,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, apply_overrides
+from ..errors import DitMoeError
+from ..models import moe
+from ..registry import parse_name
 from .checkpoint import is_checkpoint, save_checkpoint
-from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, apply_overrides
-from .convert import prepare_output, read_source
-from .errors import DitMoeError
+from .convert import read_source
 from .layouts import check_state, module_from_state
-from .registry import parse_name
+from .outputs import prepare_output
 
 __all__ = ["UpcycleError", "ROUTER_INITS", "partitions", "exactness", "upcycle_state_dict", "upcycle",
            "add_arguments", "run", "main"]
@@ -126,8 +128,6 @@ def _experts_from_mlp(fc1_w, fc1_b, fc2_w, fc2_b, num_experts: int, p: int) -> d
 
 def _fresh_routing_state(cfg: ModelConfig, routing: RoutingConfig, router_init: str, seed: int) -> dict:
     """Router, controller and Default MoE tensors of a fresh model (no expert bank is built), seeded."""
-    from .models import moe
-
     arch = parse_name(cfg.name)
     layers = [i for i in range(arch.depth) if i % cfg.moe_every == cfg.moe_every - 1]
     state = {}
@@ -284,9 +284,10 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import run_command
+    """``python -m dit_moe.weights.upcycle``: the command's own entry (``dit-moe upcycle`` is the same)."""
+    from ..cli import run_command   # the command line sits above this layer: reached only when run as a program
 
-    return run_command("upcycle", argv, prog="python -m dit_moe.upcycle", label="upcycle")
+    return run_command("upcycle", argv, prog="python -m dit_moe.weights.upcycle", label="upcycle")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
         ...                  anything a ``write_extra`` callback adds (the trainer puts the Accelerate state here)
 
 Writes are atomic: everything is written into a temporary sibling directory, flushed, then renamed into place,
-so an interrupted save never leaves a half-written checkpoint under the final name.
+so an interrupted save never leaves a half-written checkpoint under the final name. Loading the weights into a model
+(the fit check) and building a model from a checkpoint: dit_moe/weights/build.py.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, from_dict
-from .errors import DitMoeError
-from .registry import parse_name
+from ..config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, from_dict
+from ..errors import DitMoeError
+from ..registry import parse_name
 
 T = TypeVar("T")
 FORMAT = "dit-moe/1"
@@ -235,27 +236,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       config.get("data_info"), config.get("meta", {}))
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, which: str = "ema") -> Checkpoint:
-    """Load a checkpoint's weights into ``model``, refusing a checkpoint of another architecture."""
-    ckpt = load_checkpoint(path)
-    mine = (asdict(model.model_config), asdict(model.routing_config)) if hasattr(model, "model_config") else None
-    theirs = (asdict(ckpt.model_config), asdict(ckpt.routing_config))
-    if mine is not None and mine != theirs:
-        diff = [f"{sec}.{k}: checkpoint {theirs[i][k]!r} vs model {mine[i][k]!r}"
-                for i, sec in enumerate(("model", "routing")) for k in theirs[i] if theirs[i][k] != mine[i].get(k)]
-        raise CheckpointError(f"{ckpt.path}: checkpoint of another architecture ({'; '.join(diff)})")
-    state = ckpt.state_dict(which)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{ckpt.path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]})")
-    model.load_state_dict(state)
-    return ckpt
-
-
 def read_newest(path: str | Path, read: Callable[[Path], T], attempts: int = 5) -> T:
     """``read(checkpoint)`` of the checkpoint ``path`` names -- for a run folder, its newest complete one.
 
@@ -270,18 +250,3 @@ def read_newest(path: str | Path, read: Callable[[Path], T], attempts: int = 5) 
         except (CheckpointError, OSError):
             if ckpt == Path(path) or ckpt.exists() or attempt == attempts - 1:
                 raise                      # an explicit checkpoint, or a real fault: not a rotation
-
-
-def build_from_checkpoint(path: str | Path, which: str = "ema", device: str | torch.device = "cpu"):
-    """Rebuild the model from the checkpoint alone and load its (EMA by default) weights; returns (model, checkpoint).
-    ``path`` may be a run folder that is still training (``read_newest``)."""
-    from .registry import build_model
-
-    def build(found: Path):
-        ckpt = load_checkpoint(found)
-        model = build_model(ckpt.model_config, ckpt.routing_config)
-        load_weights(model, ckpt.path, which)
-        return model, ckpt
-
-    model, ckpt = read_newest(path, build)
-    return model.to(device).eval(), ckpt

@@ -1,0 +1,12 @@
+"""Model weights on disk and between layouts.
+
+    checkpoint.py   the dit-moe checkpoint format: one self-describing folder (config.json + safetensors), atomic
+    build.py        checkpoint -> model: the one ``fit(state, model)`` check and the one builder
+    layouts.py      state-dict layouts: facebookresearch/DiT, diffusers' DiTTransformer2DModel, dit-moe
+    outputs.py      the output folders convert, export and upcycle write (refusing to clobber), ConvertError
+    convert.py      ``dit-moe convert``: published DiT weights in (export.py: a dense checkpoint out to diffusers)
+    upcycle.py      ``dit-moe upcycle``: a dense checkpoint -> an MoE one
+    init_from.py    ``train.init_from``: a run starts from another checkpoint's weights
+
+Import the modules themselves (``from dit_moe.weights.checkpoint import load_checkpoint``); this file holds no code.
+"""
