@@ -345,7 +345,8 @@ def test_every_user_error_class_derives_from_the_base():
     from dit_moe.convert import ConvertError
     from dit_moe.inference import InferenceError
     from dit_moe.layouts import LayoutError
-    from dit_moe.sampling import AnalysisError, SamplingError
+    from dit_moe.analyze import AnalysisError
+    from dit_moe.sampling import SamplingError
     from dit_moe.study import StudyError
     from dit_moe.upcycle import UpcycleError
 

@@ -12,7 +12,7 @@ from dit_moe.models.routing_tap import METRICS, RoutingTap, stats_from_sums, sum
 from dit_moe.registry import build_model
 from dit_moe.models.routers.base import Router
 from dit_moe.sampling import SamplerSettings, make_generators, sample_latents
-from dit_moe.sampling.trace import probe_routing
+from dit_moe.study.probe import probe_routing
 
 LABELS = torch.tensor([0, 3, 7, 7])
 
