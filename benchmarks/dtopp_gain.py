@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
+from diffusers import DDPMScheduler
+
 from dit_moe.data import build_dataset
+from dit_moe.models.routing_tap import RoutingTap
 from dit_moe.weights.build import build_from_checkpoint
 from dit_moe.weights.checkpoint import is_checkpoint, list_checkpoints
 
@@ -39,9 +42,6 @@ def _checkpoints(paths: list[str]) -> list[Path]:
 
 @torch.no_grad()
 def measure(path: Path, batch: int, delta: float, seed: int) -> dict:
-    from diffusers import DDPMScheduler
-    from dit_moe.models.routers import Router
-
     model, ckpt = build_from_checkpoint(path, which="model")
     controller = getattr(model, "routing_controller", None)
     if controller is None or controller.threshold.numel() != 1:
@@ -56,26 +56,23 @@ def measure(path: Path, batch: int, delta: float, seed: int) -> dict:
     x_t = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").add_noise(
         x0, torch.randn(x0.shape, generator=g), t)
 
-    counts = []
-    routers = [m for m in model.modules() if isinstance(m, Router)]
-    hooks = [r.register_forward_hook(lambda mod, inp, out: counts.append(out.num_active.float().mean()))
-             for r in routers]
     p_star = float(controller.threshold)
+    tap = RoutingTap(model, buckets=1)          # the toolkit's one reader of router outputs
 
     def active(p: float) -> float:
+        """Mean activated experts over all (token, MoE layer) pairs of the batch at threshold p."""
         controller.threshold.fill_(p)
-        counts.clear()
-        model(x_t, t, y)
-        return float(torch.stack(counts).mean())
+        tap.reset()
+        with tap:
+            model(x_t, t, y)
+        return tap.report()["mean"]
 
     u_star = math.log(p_star / (1 - p_star))
     lo, hi = (1 / (1 + math.exp(-(u_star + s * delta))) for s in (-1, 1))
     a_lo, a_star, a_hi = active(lo), active(p_star), active(hi)
-    for h in hooks:
-        h.remove()
     E = controller.num_experts
     gain_u = (a_hi - a_lo) / (2 * delta) / E
-    scales = [float(r.scale()) for r in routers if hasattr(r, "scale")]
+    scales = [float(r.scale()) for r in tap.routers if hasattr(r, "scale")]
     return {"checkpoint": str(path), "step": ckpt.step, "threshold": round(p_star, 4), "a": round(a_star, 4),
             "a_lo": round(a_lo, 4), "a_hi": round(a_hi, 4), "gain_logit_over_E": round(gain_u, 3),
             "gain_linear_over_E": round(gain_u / (p_star * (1 - p_star)), 3),

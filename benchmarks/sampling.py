@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from dit_moe import inference, sampling
-from dit_moe.demo import reference_digits
+from dit_moe.data.builtin import reference_digits
 
 PROTOCOL = {"ddpm": [("ddpm", 250), ("ddim", 50), ("dpm", 25)], "flow": [("euler", 50), ("heun", 25), ("sde", 100)]}
 

@@ -15,25 +15,14 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from . import inference, pipeline, sampling
+from .cli import run_command
+from .config import load_config, sample_problems
+from .sampling.flags import add_checkpoint_arguments, add_sampler_arguments, flag_overrides
 
 DEFAULT_CONFIG = "default"            # the shipped configs/default.yaml (dit_moe.config.find_config)
-
-
-def reference_digits(path: Path) -> Path:
-    """Write the embedded digits as an ADM-style npz (``arr_0`` uint8 NHWC) to use as the FID reference."""
-    from .data import build_dataset, to_uint8
-
-    dataset, _ = build_dataset("builtin", "digits")
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, arr_0=arr)
-    return path
 
 
 def guidance_text(cfg_scale: float, interval) -> str:
@@ -44,17 +33,14 @@ def guidance_text(cfg_scale: float, interval) -> str:
 def run_demo(config: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None, num_samples: int = 1000,
              sampling_overrides: dict | None = None, device: str | None = None, weights: str = "ema",
              vae: str | None = None) -> dict:
-    """The four stages; returns what the demo prints (also written to ``demo.json`` in the run folder).
+    """The four stages (``dit_moe.pipeline``); returns what the demo prints (also written to ``demo.json`` in the run
+    folder).
 
     ``sampling_overrides``: SampleConfig fields (sampler, steps, cfg_scale, guidance_interval, ...) applied on top
     of the trained checkpoint's sample section, for the grid, the FID samples and the analysis alike; ``weights``
     and ``vae`` as in ``dit_moe.inference.load``.
     """
-    from . import analyze, inference, sampling
-    from .config import load_config, sample_problems
-    from .training import train
-
-    timings = {}
+    watch = pipeline.Stopwatch()
     cfg = load_config(config, overrides or [])
     if cfg.train.run_name is None:
         cfg.train.run_name = Path(config).name.removesuffix(".yaml")
@@ -62,47 +48,42 @@ def run_demo(config: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
         raise sampling.SamplingError(f"--num-samples {num_samples} must be >= 1")
     # The sampling settings against the objective to be trained: a bad flag fails now, not after training.
     problems = sample_problems(dataclasses.replace(cfg.sample, **(sampling_overrides or {})), cfg.diffusion.objective,
-                               cfg.model.in_channels, name=lambda f: sampling.FLAGS.get(f, f))
+                              cfg.model.in_channels, name=lambda f: sampling.FLAGS.get(f, f))
     if problems:
         raise sampling.SamplingError(problems[0])
     device = str(inference.resolve_device(device))
 
     print(f"[1/4] training {cfg.model.name} ({cfg.routing.type}, objective {cfg.diffusion.objective}) for "
           f"{cfg.train.steps} steps on {cfg.data.source} data")
-    t0 = time.time()
-    run_dir = train(cfg, resume="latest")   # continues an interrupted demo; a finished one returns at once
-    timings["train_s"] = round(time.time() - t0, 1)
-    print(f"      {timings['train_s']:.1f} s")
+    with watch.stage("train"):
+        run_dir = pipeline.train_run(cfg)   # continues an interrupted demo; a finished one returns at once
+    print(f"      {watch.timings['train_s']:.1f} s")
 
     bundle = inference.load(run_dir, weights=weights, device=device, vae=vae)
     settings = sampling.resolve_settings(dataclasses.replace(bundle.defaults, **(sampling_overrides or {})),
                                          bundle.objective, bundle.shape[0], name=lambda f: sampling.FLAGS.get(f, f))
     print(f"[2/4] sampling a labelled grid with the EMA weights ({settings.sampler} {settings.steps} steps, "
           f"{guidance_text(settings.cfg_scale, settings.guidance_interval)})")
-    t0 = time.time()
-    grid = sampling.sample_grid(bundle, settings, out=run_dir / "samples.png")
-    timings["grid_s"] = round(time.time() - t0, 1)
-    print(f"      {timings['grid_s']:.1f} s")
+    with watch.stage("grid"):
+        grid = sampling.sample_grid(bundle, settings, out=run_dir / "samples.png")
+    print(f"      {watch.timings['grid_s']:.1f} s")
 
     print(f"[3/4] {num_samples} class-balanced samples -> digits FID and classifier accuracy")
-    t0 = time.time()
-    reference = reference_digits(run_dir / "reference" / "digits.npz")
-    samples_dir = run_dir / "samples"
-    bulk = settings if "batch_size" in (sampling_overrides or {}) else dataclasses.replace(settings, batch_size=250)
-    summary = sampling.generate(
-        bundle, samples_dir, bulk, num_samples=num_samples, progress=False,
-        evaluation=sampling.Evaluation(reference=str(reference), extractor="digits-cnn", classifier_accuracy=True))
-    timings["sample_eval_s"] = round(time.time() - t0, 1)
-    print(f"      {timings['sample_eval_s']:.1f} s")
+    with watch.stage("sample_eval"):
+        reference = pipeline.reference_file(pipeline.BUILTIN_REFERENCE, run_dir)
+        samples_dir = run_dir / "samples"
+        bulk = settings if "batch_size" in (sampling_overrides or {}) else dataclasses.replace(settings, batch_size=250)
+        summary = pipeline.generate_and_evaluate(
+            bundle, samples_dir, bulk, num_samples,
+            sampling.Evaluation(reference=str(reference), extractor="digits-cnn", classifier_accuracy=True))
+    print(f"      {watch.timings['sample_eval_s']:.1f} s")
 
     print("[4/4] routing analysis and training curves")
-    t0 = time.time()
-    analysis = analyze.analyze_checkpoint(run_dir, device=device, which=weights, vae=vae, sampler=settings.sampler,
-                                          cfg_scale=settings.cfg_scale, guidance_interval=settings.guidance_interval,
-                                          time_shift=settings.time_shift)
-    curves = analyze.plot_training_curves(run_dir)
-    timings["analysis_s"] = round(time.time() - t0, 1)
-    print(f"      {timings['analysis_s']:.1f} s")
+    with watch.stage("analysis"):
+        analysis, curves = pipeline.analyze_run(
+            run_dir, run_dir, device=device, which=weights, vae=vae, sampler=settings.sampler,
+            cfg_scale=settings.cfg_scale, guidance_interval=settings.guidance_interval, time_shift=settings.time_shift)
+    print(f"      {watch.timings['analysis_s']:.1f} s")
 
     result = {
         "run_dir": str(run_dir),
@@ -116,15 +97,13 @@ def run_demo(config: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
             "metrics": str(samples_dir / sampling.METRICS_FILE), "metrics_log": str(run_dir / "metrics.jsonl"),
             "analysis": [str(f) for f in analysis.get("files", [])], "curves": [str(f) for f in curves],
         },
-        "timings": timings,
+        "timings": watch.timings,
     }
     (run_dir / "demo.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .sampling.flags import add_checkpoint_arguments, add_sampler_arguments
-
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default=DEFAULT_CONFIG,
@@ -137,8 +116,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """``run_demo`` with the command line's values; prints where everything is and returns demo.json's content."""
-    from .sampling.flags import flag_overrides
-
     r = run_demo(args.config, args.overrides, args.num_samples, flag_overrides(args), args.device, args.weights,
                  args.vae)
     f = r["files"]
@@ -157,8 +134,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    from .cli import run_command
-
     return run_command("demo", argv, prog="python -m dit_moe.demo", label="demo")
 
 

@@ -344,8 +344,9 @@ def test_a_process_that_sharded_a_model_ends_without_teardown_with_its_exit_code
 def test_every_user_error_class_derives_from_the_base():
     from dit_moe.weights.outputs import ConvertError
     from dit_moe.inference import InferenceError
+    from dit_moe.analyze import AnalysisError
+    from dit_moe.sampling import SamplingError
     from dit_moe.weights.layouts import LayoutError
-    from dit_moe.sampling import AnalysisError, SamplingError
     from dit_moe.study import StudyError
     from dit_moe.weights.upcycle import UpcycleError
 

@@ -12,7 +12,7 @@ from dit_moe.models.routing_tap import METRICS, RoutingTap, stats_from_sums, sum
 from dit_moe.registry import build_model
 from dit_moe.models.routers.base import Router
 from dit_moe.sampling import SamplerSettings, make_generators, sample_latents
-from dit_moe.sampling.trace import probe_routing
+from dit_moe.study.probe import probe_routing
 
 LABELS = torch.tensor([0, 3, 7, 7])
 
@@ -190,3 +190,18 @@ def test_every_metric_is_documented_once():
         assert metric.doc in rows[name], name
         for key, how in metric.log:
             assert f"`{key}` ({how})" in rows[name], (name, key)
+
+
+def test_call_sums_and_records_are_the_same_forwards():
+    """by_call: one row of sums per model call, equal to that call's per-token records and summing to the buckets."""
+    model = tiny("dtopp")
+    with RoutingTap(model, records=True, by_call=True) as tap:
+        _sample(model)                                                     # DDIM 4 steps under CFG: 4 model calls
+    ix = sum_slices(4)
+    assert tap.call_sums.shape[0] == 4
+    for layer, calls in enumerate(tap.records):
+        for r in calls:
+            assert float(tap.call_sums[r["call"], layer, ix["active"]]) == float(r["active"].double().sum())
+            assert float(tap.call_sums[r["call"], layer, ix["tokens"]]) == r["active"].numel()
+            assert torch.equal(tap.call_sums[r["call"], layer, ix["counts"]].long(), r["counts"].sum(0))
+    torch.testing.assert_close(tap.call_sums.sum(0), tap.sums.sum(0), rtol=0, atol=0)

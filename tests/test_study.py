@@ -92,7 +92,7 @@ def test_calibrated_threshold_hits_the_target_and_restores_the_model():
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs" / "default.yaml", ["routing.type=topp", "routing.threshold=0.4"])
     model = build_model(cfg)
-    inputs = study._probe_inputs(cfg, num_batches=1, batch_size=32)
+    inputs = study.probe_inputs(cfg, num_batches=1, batch_size=32)
     result = study.calibrate_topp_threshold(model, inputs, target=3.0)
     assert result["measured"] == pytest.approx(3.0, abs=0.02)
     assert all(r.threshold == 0.4 for r in model.modules() if isinstance(r, TopPRouter))

@@ -3,8 +3,9 @@
 Two jobs, one command:
 
 * ``analyze_checkpoint``: rebuild a checkpoint, sample a few images per class with CFG along the real sampling
-  trajectory (``dit_moe.sampling.sample_latents``), and record with a ``RoutingTap`` (hooks on every MoE layer's
-  router) the number of experts each token activates and each expert's load. Writes PNG plots and ``analysis.json``:
+  trajectory (``dit_moe.sampling.sample_latents``), and sum with a ``RoutingTap`` (hooks on every MoE layer's
+  router) the number of experts each token activates and each expert's load, by layer, model call, timestep bucket
+  and class; per-token records are kept for the spatial maps and the per-image spread only. Writes PNG plots and ``analysis.json``:
 
       active_per_layer.png     mean activated experts per MoE layer (bars, +-1 std over tokens), target line
       active_per_timestep.png  mean activated experts against the timestep, one curve per group of layers
@@ -27,13 +28,14 @@ Per-class numbers and spatial maps use the conditional half only (the null half 
 ``per_layer_cond`` / ``per_layer_uncond`` split the per-layer means. Tokens of one image are its
 (input_size / patch)^2 patches in raster order, batch-major.
 
-One file per job: ``trace`` (``analyze_checkpoint``: the trajectory, the report's numbers), ``plots``
-(its PNGs), ``curves`` (``read_metrics``, ``plot_training_curves``; no torch import) and ``cli``.
+One file per job: ``trace`` (``trace_routing``: the trajectory, sampled with a ``RoutingTap`` attached), ``report``
+(``analyze_checkpoint``: the report's numbers, from the tap's sums), ``plots`` (its PNGs), ``curves``
+(``read_metrics``, ``plot_training_curves``; no torch import), ``errors`` (``AnalysisError``) and ``cli``.
 """
-from ..sampling.errors import AnalysisError
+from .errors import AnalysisError
 from .cli import main
 from .curves import METRICS_FILE, read_metrics, plot_training_curves
-from .trace import JSON_FILE, analyze_checkpoint, default_out_dir
+from .report import JSON_FILE, analyze_checkpoint, default_out_dir
 
 __all__ = [
     "AnalysisError",

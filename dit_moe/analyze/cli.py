@@ -11,7 +11,7 @@ import argparse
 from typing import Optional, Sequence
 
 from ..checks import check_at_least, check_output_dir
-from ..sampling.errors import AnalysisError
+from .errors import AnalysisError
 from ..sampling.flags import (add_checkpoint_arguments, add_class_arguments, add_sampler_arguments, check_sample_flags,
                               flag_overrides)
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> dict:
     check_output_dir("--out", args.out, AnalysisError)
     result = {"report": None, "curves": []}
     if args.checkpoint is not None:
-        from .trace import analyze_checkpoint
+        from .report import analyze_checkpoint
 
         check_at_least("--spatial-steps", args.spatial_steps, 1, AnalysisError)
         check_sample_flags(args)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..sampling.errors import AnalysisError
+from .errors import AnalysisError
 from .plots import _figure, _save
 
 __all__ = ["METRICS_FILE", "read_metrics", "plot_training_curves"]

@@ -1,266 +1,86 @@
-"""Routing of a checkpoint along its own sampling trajectory: ``analyze_checkpoint`` and the numbers of its report.
+"""Routing decisions along a checkpoint's own sampling trajectory, read by one ``RoutingTap``.
 
-The router decisions come from ``dit_moe.sampling.trace.trace_routing``, which samples with a recording
-``RoutingTap`` (dit_moe/models/routing_tap.py, the toolkit's one reader of router outputs) attached; this file
-turns its arrays into the report's numbers.
+``trace_routing`` samples a bundle's labels with a tap attached (dit_moe/models/routing_tap.py, the toolkit's one
+reader of router outputs). Every number of the analysis report comes from the tap's running sums -- by timestep
+bucket, by class (the null class row: the CFG copies) and by model call -- through ``stats_from_sums``, the same
+definitions training and sampling report with. The tap also keeps per-call records of every token's experts, used
+only where a plot needs single images or tokens: the spatial maps and the per-image spread of the per-class bars.
 """
 from __future__ import annotations
 
-import json
-import math
-import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+import torch
 
-import numpy as np
+from ..config import SampleConfig
+from ..models.routing_tap import RoutingTap, num_sums
+from ..sampling.loop import make_generators, sample_latents
+from ..sampling.settings import guidance_scale, resolve_settings
+from ..sampling.solvers import num_model_calls
+from .errors import AnalysisError
 
-from ..sampling.errors import AnalysisError
-from .plots import MAX_SPATIAL_ROWS, _plot_checkpoint
-
-if TYPE_CHECKING:  # torch is imported where it is used: `--run` (training curves) never loads it
-    import torch
-
-__all__ = ["JSON_FILE", "default_out_dir", "analyze_checkpoint"]
-
-JSON_FILE = "analysis.json"
+__all__ = ["trace_routing"]
 
 
-def default_out_dir(checkpoint: str | Path) -> Path:
-    """``<run>/analysis`` for a checkpoint at ``<run>/checkpoints/<name>``, else ``<checkpoint>/analysis``."""
-    path = Path(checkpoint)
-    if path.parent.name == "checkpoints":
-        return path.parent.parent / "analysis"
-    return path / "analysis"
+def trace_routing(bundle, labels: torch.Tensor, settings: SampleConfig, seed: int = 0, batch_size: int = 32,
+                  num_buckets: int = 10) -> dict:
+    """Sample ``labels`` (in batches) with a RoutingTap attached; its sums and per-call records over all batches.
 
-
-def _pick_classes(classes, num_classes: int, seed: int, where: str, names: Sequence[str] = ()) -> list[int]:
-    import torch
-
-    if classes is not None:
-        lookup = {str(n).split(",")[0].strip(): i for i, n in enumerate(names)}
-        lookup.update({str(n): i for i, n in enumerate(names)})
-        try:
-            ids = [int(c) if str(c).lstrip("-").isdigit() else lookup[str(c)] for c in classes]
-        except KeyError as e:
-            raise AnalysisError(f"classes: unknown class {e.args[0]!r} for {where}") from None
-        bad = [c for c in ids if not 0 <= c < num_classes]
-        if bad or not ids:
-            raise AnalysisError(f"classes {bad or ids}: class ids must be in [0, {num_classes}) for {where}")
-        return ids
-    if num_classes <= 10:
-        return list(range(num_classes))
-    g = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(num_classes, generator=g)[:6].tolist())
-
-
-def analyze_checkpoint(
-    path: str | Path,
-    out_dir: Optional[str | Path] = None,
-    classes: Optional[Sequence[int]] = None,
-    num_per_class: int = 2,
-    sampler: Optional[str] = None,
-    num_steps: Optional[int] = 50,
-    cfg_scale: Optional[float] = None,
-    seed: int = 0,
-    device: Optional[str | torch.device] = None,
-    which: str = "ema",
-    num_buckets: int = 10,
-    spatial_steps: int = 4,
-    batch_size: int = 32,
-    vae: Optional[str] = None,
-    **sample_overrides,
-) -> dict:
-    """Analyse the routing of the checkpoint at ``path`` (or a run's latest) on its own sampling trajectory.
-
-    ``sampler`` and ``cfg_scale`` default to the checkpoint's sample config (the objective's default sampler /
-    1.5 without one); ``num_steps`` sampling steps (None: the checkpoint's); any other SampleConfig field
-    (guidance_interval, time_shift, guidance_channels, ...) may be given as a keyword. Writes the PNGs listed in
-    the module docstring and ``analysis.json`` into ``out_dir`` (default ``default_out_dir``) and returns the JSON.
+    Returns the tap's sums (float64, CPU; S = ``num_sums(E)`` columns of ``token_stats``): ``bucket_sums``
+    (num_buckets, L, S) by network timestep bucket, ``class_sums`` (num_classes + 1, L, S) by requested class (last
+    row: the null-class copies of CFG), ``call_sums`` (calls, L, S) by model call; and ``active`` (calls, L, Ns, T)
+    int16 experts of token t of image n in layer l at each model call, conditional half only (for the spatial maps
+    and per-image spread); ``timesteps`` (calls,) network timesteps, ``guided`` (calls,) bool, ``latents``
+    (Ns, C, h, w), ``grid`` (h, w) in patches, ``num_experts`` and ``moe_blocks`` (the DiT block of each MoE
+    layer). AnalysisError for a model without routers.
     """
-    import dataclasses
-
-    import torch
-
-    from ..data import to_uint8
-    from ..inference import InferenceError, load
-    from ..registry import parse_name
-    from ..sampling import FLAGS, SamplingError, resolve_settings
-
-    if num_per_class < 1 or batch_size < 1 or spatial_steps < 1 or num_buckets < 1:
-        raise AnalysisError("num_per_class, batch_size, spatial_steps and num_buckets must be >= 1")
-
-    def moe_only(ckpt) -> None:     # before any weight is read
-        if not parse_name(ckpt.model_config.name).is_moe:
-            raise AnalysisError(f"{ckpt.path}: {ckpt.model_config.name} is not an MoE model (a dense model has no "
-                                "routers to analyze)")
-
-    try:    # CheckpointError naming the path when it is missing or broken
-        bundle = load(path, weights=which, device=device, vae=vae, check=moe_only)
-    except InferenceError as e:
-        raise AnalysisError(str(e)) from e
-    ckpt = bundle.checkpoint
-    cfg = ckpt.model_config
-    arch = parse_name(cfg.name)
-    model = bundle.model
-    given = {"sampler": sampler, "steps": num_steps, "cfg_scale": cfg_scale, **sample_overrides}
+    model, shape = bundle.model, bundle.shape
     try:
-        settings = resolve_settings(dataclasses.replace(bundle.defaults, **{k: v for k, v in given.items()
-                                                                           if v is not None}),
-                                    bundle.objective, cfg.in_channels, name=lambda f: FLAGS.get(f, f))
-    except (SamplingError, TypeError) as e:
-        raise AnalysisError(f"{ckpt.path}: {e}") from e
-    info = bundle.data_info
-    class_ids = _pick_classes(classes, cfg.num_classes, seed, str(ckpt.path), info.class_names)
-    names = [info.class_names[c] if c < len(info.class_names) else str(c) for c in class_ids]
-    labels = torch.tensor([c for c in class_ids for _ in range(num_per_class)], dtype=torch.long)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(ckpt.path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    from ..sampling import trace as trace_module
-
-    trace = trace_module.trace_routing(bundle, labels, settings, seed=seed, batch_size=batch_size)
-    images = None
-    if bundle.decodable:
-        images = to_uint8(bundle.decode(trace["latents"].to(bundle.device))).cpu()
-    else:
-        print(f"note: no data_info and {cfg.in_channels}-channel latents: spatial maps are drawn without the image"
-              " (pass --vae to decode)", file=sys.stderr)
-
-    report = _summarize(trace, model, bundle.checkpoint, arch, settings, class_ids, names, labels, seed,
-                        num_per_class, num_buckets, spatial_steps)
-    files = _plot_checkpoint(report, trace, images, labels, class_ids, names, out_dir)
-    report["files"] = files + [JSON_FILE]
-    report["out_dir"] = str(out_dir)
-    (out_dir / JSON_FILE).write_text(json.dumps(report, indent=1))
-    return report
-
-
-# ---------------------------------------------------------------------------------------------------------
-#                                     Checkpoint analysis: the numbers
-# ---------------------------------------------------------------------------------------------------------
-
-def _f(x) -> list:
-    """Tensor -> nested lists of Python floats, rounded (JSON stays readable), NaN -> None."""
-    arr = np.asarray(x, dtype=np.float64)
-    out = np.round(arr, 6).tolist()
-
-    def clean(v):
-        if isinstance(v, list):
-            return [clean(u) for u in v]
-        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
-    return clean(out)
-
-
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor, dims) -> torch.Tensor:
-    """Mean of ``values`` over ``dims`` where ``valid``; NaN where nothing is valid."""
-    import torch
-
-    v = torch.where(valid, values, torch.zeros_like(values)).sum(dims)
-    n = valid.to(torch.float64).sum(dims)
-    return torch.where(n > 0, v / n.clamp(min=1), torch.full_like(v, float("nan")))
-
-
-def _summarize(trace, model, ckpt, arch, settings, class_ids, names, labels, seed, num_per_class,
-               num_buckets, spatial_steps) -> dict:
-    import torch
-
-    from ..models.moe import moe_layers
-    from ..models.routers import DTopPRouter
-    from ..sampling import SCHEDULE
-
-    active = trace["active"].to(torch.float64)          # (S, L, 2, Ns, T)
-    valid = trace["active"] >= 0
-    counts = trace["counts"]                             # (S, L, 2, E)
-    S, L, _, Ns, T = active.shape
-    E = trace["num_experts"]
-    ts = torch.tensor(trace["timesteps"])
-
-    per_layer = _masked_mean(active, valid, (0, 2, 3, 4))                        # (L,)
-    sq = _masked_mean(active ** 2, valid, (0, 2, 3, 4))
-    per_layer_std = (sq - per_layer ** 2).clamp(min=0).sqrt()
-    overall = float(active[valid].mean())
-    overall_std = float(active[valid].std(unbiased=False))
-    per_step = _masked_mean(active, valid, (2, 3, 4))                             # (S, L)
-    per_step_mean = _masked_mean(active, valid, (1, 2, 3, 4))                     # (S,)
-
-    Tn = SCHEDULE["num_train_timesteps"]
-    bucket = (ts * num_buckets // Tn).clamp(0, num_buckets - 1)                  # (S,)
-    per_bucket = torch.full((num_buckets, L), float("nan"), dtype=torch.float64)
-    for b in range(num_buckets):
-        sel = bucket == b
-        if sel.any():
-            per_bucket[b] = _masked_mean(active[sel], valid[sel], (0, 2, 3, 4))
-
-    # Histogram of experts per token (fraction of tokens with m = 0..E experts), per layer.
-    hist = torch.zeros(L, E + 1, dtype=torch.float64)
-    a = trace["active"].transpose(0, 1).reshape(L, -1).long()
-    for l in range(L):
-        v = a[l][a[l] >= 0]
-        hist[l] = torch.bincount(v, minlength=E + 1)[: E + 1].to(torch.float64) / max(v.numel(), 1)
-
-    cond, cvalid = active[:, :, 0], valid[:, :, 0]                               # (S, L, Ns, T)
-    per_image_layer = _masked_mean(cond, cvalid, (0, 3))                          # (L, Ns)
-    per_class_layer = torch.stack([per_image_layer[:, labels == c].mean(1) for c in class_ids])   # (C, L)
-    per_class_std = torch.stack([per_image_layer[:, labels == c].mean(0).std(unbiased=False) for c in class_ids])
-
-    load_counts = counts.sum((0, 2)).to(torch.float64)                            # (L, E)
-    load = load_counts / load_counts.sum(1, keepdim=True).clamp(min=1)
-    load_cv = load.std(1, unbiased=False) / load.mean(1).clamp(min=1e-12)
-
-    picks = sorted(set(np.linspace(0, S - 1, min(spatial_steps, S)).round().astype(int).tolist()))
-    h, w = trace["grid"]
-    spatial = _masked_mean(cond, cvalid, (1,))                                    # (S, Ns, T) mean over layers
-    rows = [int((labels == c).nonzero()[0]) for c in class_ids][:MAX_SPATIAL_ROWS]
-
-    routing = ckpt.routing_config
-    controller = getattr(model, "routing_controller", None)
-    drn = [float(l.router.scale().detach()) if isinstance(l.router, DTopPRouter) else None for l in moe_layers(model)]
-    if routing.type == "topk":
-        target = float(arch.top_k)
-    elif routing.type == "expert_choice":
-        target = float(arch.top_k * routing.capacity_factor)
-    elif routing.type == "dtopp" and controller is not None:
-        target = float(controller.target)
-    else:
-        target = None
-    return {
-        "checkpoint": str(ckpt.path),
-        "step": ckpt.step,
-        "model": ckpt.model_config.name,
-        "routing": routing.type,
-        "num_experts": E,
-        "top_k": arch.top_k,
-        "target_experts": target,
-        "moe_blocks": trace["moe_blocks"],
-        "tokens_per_image": T,
-        "settings": {"sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
-                     "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
-                     "time_shift": settings.time_shift, "model_calls": len(trace["timesteps"]),
-                     "seed": seed, "classes": class_ids, "num_per_class": num_per_class,
-                     "guided": any(trace["guided"]), "guided_calls": int(sum(trace["guided"])),
-                     "counted": "both CFG halves (per layer / timestep / load); conditional half (per class, maps)"},
-        "active_experts": {
-            "mean": overall,
-            "std": overall_std,
-            "per_layer": _f(per_layer),
-            "per_layer_std": _f(per_layer_std),
-            "per_layer_cond": _f(_masked_mean(active[:, :, 0], valid[:, :, 0], (0, 2, 3))),
-            "per_layer_uncond": _f(_masked_mean(active[:, :, 1], valid[:, :, 1], (0, 2, 3))),
-            "histogram": _f(hist),
-            "unrouted_frac": _f(hist[:, 0]),          # per layer: tokens no expert took (expert choice)
-            "per_step": {"timesteps": ts.tolist(), "mean": _f(per_step_mean), "per_layer": _f(per_step)},
-            "per_bucket": {"buckets": [[b * Tn // num_buckets, (b + 1) * Tn // num_buckets - 1]
-                                       for b in range(num_buckets)],
-                           "mean": _f(_masked_mean(per_bucket, ~per_bucket.isnan(), (1,))),
-                           "per_layer": _f(per_bucket)},
-            "per_class": {"classes": class_ids, "names": names, "mean": _f(per_class_layer.mean(1)),
-                          "std_over_images": _f(per_class_std), "per_layer": _f(per_class_layer)},
-        },
-        "expert_load": {"per_layer": _f(load), "cv": _f(load_cv), "max_share": _f(load.max(1).values)},
-        "drn_scale": _f(drn) if routing.type == "dtopp" else None,
-        "threshold": (_f(controller.threshold.detach().cpu()) if controller is not None
-                      else ([routing.threshold] if routing.type == "topp" else None)),
-        "spatial": {"grid": [h, w], "step_indices": picks, "timesteps": [int(ts[i]) for i in picks],
-                    "images": rows, "classes": [int(labels[r]) for r in rows],
-                    "maps": _f(spatial[picks][:, rows].reshape(len(picks), len(rows), h, w))},
-    }
+        tap = RoutingTap(model, buckets=num_buckets, records=True, by_class=True, by_call=True)
+    except ValueError as e:
+        raise AnalysisError(f"{e}: nothing to analyze") from None
+    blocks = list(getattr(model, "blocks", []))
+    moe_blocks = [next((i for i, b in enumerate(blocks) if any(m is r for m in b.modules())), l)
+                  for l, r in enumerate(tap.routers)]
+    settings = resolve_settings(settings, bundle.objective, shape[0])
+    Ns = labels.shape[0]
+    T = (shape[1] // model.patch_size) * (shape[2] // model.patch_size)
+    S, L, E = num_model_calls(settings), tap.num_layers, tap.num_experts
+    active = torch.full((S, L, Ns, T), -1, dtype=torch.int16)
+    zeros = lambda n: torch.zeros(n, L, num_sums(E), dtype=torch.float64)  # noqa: E731
+    bucket_sums, class_sums, call_sums = zeros(num_buckets), zeros(tap.null_class + 1), zeros(S)
+    timesteps: list = []
+    guided: list[bool] = []
+    latents = []
+    with torch.no_grad(), tap:
+        for b0 in range(0, Ns, batch_size):
+            idx = list(range(b0, min(b0 + batch_size, Ns)))
+            B = len(idx)
+            tap.reset()
+            seen: list = []
+            lat = sample_latents(model, labels[idx], make_generators(seed, idx), settings, shape,
+                                 device=bundle.device, callback=lambda i, t, x_in: seen.append(t),
+                                 objective=bundle.objective)
+            latents.append(lat.cpu())
+            if len(seen) != S or tap.call_sums.shape[0] != S:
+                raise AnalysisError(f"the {settings.sampler} sampler made {len(seen)} model calls "
+                                    f"({tap.call_sums.shape[0]} routed), expected {S}")
+            timesteps = seen
+            guided = [guidance_scale(settings, float(bundle.objective.noise_level(t))) != 1.0 for t in seen]
+            for l, calls in enumerate(tap.records):
+                if len(calls) != S:
+                    raise AnalysisError(f"MoE layer {l}: {len(calls)} router calls for {S} model calls "
+                                        "(the trace expects one routed forward per model call)")
+                for call in calls:
+                    step, n = call["call"], call["active"]
+                    null = call["y"] == tap.null_class
+                    if n.shape != ((2 * B if guided[step] else B), T) or int(null.sum()) != (B if guided[step] else 0):
+                        raise AnalysisError(f"MoE layer {l}: routed {tuple(n.shape)} (images, tokens) with "
+                                            f"{int(null.sum())} null-class copies at model call {step}, expected "
+                                            f"{B} images x {T} tokens (doubled under guidance)")
+                    active[step, l, b0:b0 + B] = n[~null]
+            bucket_sums += tap.sums.cpu()
+            class_sums += tap.class_sums.cpu()
+            call_sums += tap.call_sums.cpu()
+    return {"bucket_sums": bucket_sums, "class_sums": class_sums, "call_sums": call_sums, "active": active,
+            "timesteps": timesteps, "guided": guided, "latents": torch.cat(latents),
+            "grid": (shape[1] // model.patch_size, shape[2] // model.patch_size), "num_experts": E,
+            "moe_blocks": moe_blocks}

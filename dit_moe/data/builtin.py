@@ -3,11 +3,15 @@
 `DigitsDataset` is the UCI handwritten digits set bundled with scikit-learn (`sklearn.datasets.load_digits`):
 1797 real 8x8 grey images with 17 intensity levels (0..16), 10 classes. It stands in for a latent dataset
 with the identity as "VAE": the diffusion model works directly in pixel space, so the whole
-train -> sample -> evaluate path runs on a CPU in minutes.
+train -> sample -> evaluate path runs on a CPU in minutes. ``reference_digits`` writes the whole set as the FID
+reference of the demo and the routing study.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -50,3 +54,15 @@ class DigitsDataset(Dataset):
 # Names accepted by build_dataset("builtin", name); each class exposes num_classes, image_size, in_channels,
 # class_names and takes flip=.
 BUILTIN_DATASETS: dict[str, type[Dataset]] = {"digits": DigitsDataset}
+
+
+def reference_digits(path: Path) -> Path:
+    """Write the embedded digits as an ADM-style npz (``arr_0`` uint8 (N, H, W, 3)) to use as the FID reference."""
+    from . import to_uint8      # here, not at the top: dit_moe.data imports this module
+
+    dataset = DigitsDataset()
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, arr_0=arr)
+    return path

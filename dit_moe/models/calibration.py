@@ -3,7 +3,7 @@
 Serves both uses of a calibrated threshold:
   * DTop-p inference-time sparsity (``sample.py --target-experts``; ``dit_moe.sampling.calibrate_threshold``): the
     controller's threshold, on the model's own sampling trajectory;
-  * the routing study's calibrated fixed Top-p arm (``dit_moe.sampling.trace.calibrate_topp_threshold``): the
+  * the routing study's calibrated fixed Top-p arm (``dit_moe.study.probe.calibrate_topp_threshold``): the
     fixed threshold of every Top-p router, on fixed noisy training inputs.
 
 The caller supplies ``replay()``, which runs the model on its calibration inputs; the activated experts are read by a

@@ -7,11 +7,12 @@ names them with the same table (``METRICS``). Sums of that vector over any set o
 (``stats_from_sums``), so a training log, a sampling report and an analysis agree by construction.
 
 ``RoutingTap(model)`` is a context manager that hooks every router of a model (nothing else is modified) and
-either keeps running sums on the device per MoE layer and per timestep bucket (optionally per class and per patch:
-no host sync per call) or, with ``records=True``, a per-call record of every token's experts on the host (the
-analysis). The timesteps and class labels of each forward come from forward pre-hooks on the DiT's timestep and
-label embedders, so sampling loops, CFG (the null-class copies are counted, as compute spent, and recognisable by
-their label) and training forwards need no cooperation; a model without them takes ``set_context(t, y)``.
+keeps running sums on the device per MoE layer and per timestep bucket (optionally per class, per patch and per
+model call: no host sync per call) and, with ``records=True``, also a per-call record of every token's experts on the
+host (the analysis' spatial maps and per-image spread: the only numbers that need single tokens). The timesteps
+and class labels of each forward come from forward pre-hooks on the DiT's timestep and label embedders, so sampling
+loops, CFG (the null-class copies are counted, as compute spent, and recognisable by their label) and training
+forwards need no cooperation; a model without them takes ``set_context(t, y)``.
 Timestep buckets are on the network's scale 0 .. 1000 for both objectives (dit_moe/diffusion/__init__.py).
 """
 from __future__ import annotations
@@ -138,14 +139,15 @@ class RoutingTap:
     Sums (float64, on the model's device) per MoE layer l: ``sums`` (buckets, L, S) by timestep bucket (bucket b
     covers network timesteps [b 1000 / buckets, (b + 1) 1000 / buckets)); with ``by_class`` also
     (num_classes + 1, L, S) by the class each sample asked for (the last row: the null class, i.e. the CFG copies
-    and label-dropped samples); with ``by_patch`` (T, L, S) by token position in raster order. ``records``: per
+    and label-dropped samples); with ``by_patch`` (T, L, S) by token position in raster order; with ``by_call``
+    (calls, L, S) by model forward since ``reset`` (grows with the calls seen). ``records``: per
     layer a list of per-call dicts on the host: ``call`` (model forward index since ``reset``), ``t`` (B,),
     ``y`` (B,), ``active`` (B, T) int16 experts per token, ``counts`` (2, E) int64 expert loads over the
     samples with a real class and over the null-class samples.
     """
 
     def __init__(self, model: nn.Module, buckets: int = 10, *, records: bool = False, by_class: bool = False,
-                 by_patch: bool = False, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+                 by_patch: bool = False, by_call: bool = False, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
         self.model = model
         self.routers = [m for m in model.modules() if isinstance(m, Router)]
         if not self.routers:
@@ -155,7 +157,7 @@ class RoutingTap:
             raise ValueError(f"RoutingTap: buckets={buckets} must be >= 1")
         self.num_experts = self.routers[0].num_experts
         self.buckets, self.num_train_timesteps = buckets, num_train_timesteps
-        self.keep_records, self.by_class, self.by_patch = records, by_class, by_patch
+        self.keep_records, self.by_class, self.by_patch, self.by_call = records, by_class, by_patch, by_call
         labels = getattr(model, "y_embedder", None)
         self.null_class = getattr(labels, "null_class", None)
         if by_class and self.null_class is None:
@@ -174,6 +176,7 @@ class RoutingTap:
         self.sums = z(self.buckets)
         self.class_sums = z(self.null_class + 1) if self.by_class else None
         self.patch_sums: Optional[torch.Tensor] = None          # (T, L, S), sized by the first call
+        self.call_sums = z(0) if self.by_call else None           # (calls, L, S), grown as calls come
         self.records: list[list[dict]] = [[] for _ in self.routers]
         self.calls = -1
         self.t: Optional[torch.Tensor] = None
@@ -211,7 +214,6 @@ class RoutingTap:
             y = self._per_sample(self.y, B, "labels")
             if self.keep_records:
                 self._record(layer, out, t, y, B, T)
-                return
             rows = token_stats(out).to(torch.float64)                                   # (N, S)
             if t is None:
                 self.sums[0, layer] += rows.sum(0)
@@ -231,6 +233,14 @@ class RoutingTap:
                     raise ValueError(f"RoutingTap(by_patch=True): {T} tokens per sample after "
                                      f"{self.patch_sums.shape[0]}")
                 self.patch_sums[:, layer] += rows.view(B, T, -1).sum(0)
+            if self.by_call:
+                if self.calls < 0:
+                    raise ValueError("RoutingTap(by_call=True): a router call before any model forward; call "
+                                     "set_context(t, y) before calling the MoE layers directly")
+                if self.call_sums.shape[0] <= self.calls:
+                    more = self.call_sums.new_zeros(self.calls + 1 - self.call_sums.shape[0], *self.call_sums.shape[1:])
+                    self.call_sums = torch.cat([self.call_sums, more])
+                self.call_sums[self.calls, layer] += rows.sum(0)
         return hook
 
     def _record(self, layer: int, out: RouterOutput, t, y, B: int, T: int) -> None:

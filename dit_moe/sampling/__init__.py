@@ -9,7 +9,6 @@ One file per job:
     bulk.py       N samples to a folder + ADM npz, resumable across processes; metrics of the folder (``generate``)
     experts.py    activated experts per token while sampling (MoE models; a dit_moe.models.routing_tap.RoutingTap)
     calibrate.py  DTop-p: the threshold that makes sampling activate K experts per token
-    trace.py      router decisions along a trajectory (``dit_moe.analyze``) or on fixed probe inputs (the study)
     flags.py      the sampling command-line flags, shared by sample.py, analyze and the demo
     cli.py        ``dit-moe sample`` (= ``python sample.py``)
 
@@ -24,7 +23,7 @@ import importlib
 _EXPORTS = {
     "settings": ("SampleConfig", "SamplerSettings", "resolve_settings", "guidance_scale", "objective_for", "SAMPLERS",
                  "DDPM_SAMPLERS", "FLOW_SAMPLERS", "ALL_SAMPLERS", "DEFAULT_STEPS"),
-    "errors": ("SamplingError", "AnalysisError"),
+    "errors": ("SamplingError",),
     "solvers": ("SCHEDULE", "make_scheduler", "scheduler_step_kwargs", "flow_grid", "euler", "heun", "sde", "solve",
                 "num_model_calls"),
     "loop": ("LABEL_POLICIES", "derive_seed", "sample_seed", "make_generators", "make_labels", "check_labels",
@@ -35,7 +34,6 @@ _EXPORTS = {
     "bulk": ("SingleProcess", "existing_indices", "write_npz", "read_samples", "sample_to_folder", "Evaluation",
              "evaluate_samples", "sample_accuracy", "generate", "IMAGE_DIR", "NPZ_FILE", "INFO_FILE", "STATS_DIR",
              "METRICS_FILE"),
-    "trace": ("trace_routing", "probe_inputs", "probe_routing", "calibrate_topp_threshold"),
     "flags": ("FLAGS", "add_checkpoint_arguments", "add_sampler_arguments", "add_class_arguments", "flag_overrides",
               "check_sample_flags", "settings_from_args"),
     "cli": ("add_arguments", "run", "main"),

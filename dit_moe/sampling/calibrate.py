@@ -2,7 +2,7 @@
 
 The threshold is bisected on the model's own sampling trajectory by the toolkit's one threshold calibrator
 (``dit_moe.models.calibration``), which the routing study's fixed Top-p calibration also uses (on training inputs,
-``dit_moe.sampling.trace.calibrate_topp_threshold``). This is the calibration behind ``sample.py --target-experts``.
+``dit_moe.study.probe.calibrate_topp_threshold``). This is the calibration behind ``sample.py --target-experts``.
 """
 from __future__ import annotations
 

@@ -37,7 +37,9 @@ Under ``accelerate launch`` (one process per GPU) every run uses all processes (
 calibration, analysis and bookkeeping happen on the main process.
 
 One file per job: ``config`` (the typed schema, ``load_study``, ``arm_config``), ``run`` (arms x seeds, resumable,
-worker processes, calibration, timing), ``paired`` (per-seed statistics), ``report`` (aggregate, tables, plots)
+worker processes, calibration, timing; each run through ``dit_moe.pipeline``'s stages), ``probe`` (the routing probe
+and Top-p calibration on fixed noisy training inputs), ``sweep`` and ``readouts`` (read-outs of a finished run),
+``records``, ``paired`` (per-seed statistics), ``report`` (aggregate, tables, plots)
 and ``cli``.
 """
 from .cli import main
@@ -46,8 +48,8 @@ from .config import (CALIBRATION_FILE, RESULT_FILE, ArmSpec, BaseSpec, Calibrati
                      study_problems)
 from .paired import compare_arms, interaction, paired_stats, sign_test, t_quantile
 from .report import STAT_KEYS, aggregate, paired_tables, plot_study, results_table, write_report
-from .run import (_probe_inputs, calibrate_topp_threshold, check_inputs, probe_routing, report_study,  # noqa: F401
-                  run_arm, run_study, summarize_run, time_arms)
+from .probe import calibrate_topp_threshold, probe_inputs, probe_routing
+from .run import check_inputs, report_study, run_arm, run_study, summarize_run, time_arms
 
 __all__ = [
     "StudyError",
@@ -72,6 +74,7 @@ __all__ = [
     "compare_arms",
     "interaction",
     "paired_tables",
+    "probe_inputs",
     "probe_routing",
     "calibrate_topp_threshold",
     "check_inputs",

@@ -20,70 +20,35 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
-from ..weights.checkpoint import list_checkpoints
+from .. import inference, pipeline, sampling
+from ..checks import check_at_least, check_output_dir
 from ..config import ExperimentConfig
-from ..errors import TrainingInterrupted
+from ..errors import DitMoeError, TrainingInterrupted
+from ..evaluate import check_extractor, check_reference
+from ..features import digits_classifier
+from ..analyze import read_metrics
+from ..training import run_dir_of, train
+from ..weights.checkpoint import list_checkpoints
 from .config import CALIBRATION_FILE, RESULT_FILE, TIMING_FILE, ArmSpec, EvalSpec, StudyConfig, StudyError, arm_config
+from .probe import calibrate_topp_threshold, probe_inputs, probe_routing
 from .records import read_cache, read_record, record_path, toolkit_info, write_cache, write_record
 from .report import aggregate, write_report
 from .sweep import compute_sweep, routing_state
 
-__all__ = ["probe_routing", "calibrate_topp_threshold", "run_arm", "summarize_run", "check_inputs", "run_study",
-           "report_study", "time_arms"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-#                              Routing probe and Top-p threshold calibration
-# ---------------------------------------------------------------------------------------------------------
-
-def _probe_inputs(cfg: ExperimentConfig, num_batches: int, batch_size: int, seed: int = 1234):
-    """Fixed noisy training inputs of the arm's objective (dit_moe.sampling.trace.probe_inputs)."""
-    from ..sampling.trace import probe_inputs
-
-    return probe_inputs(cfg, num_batches, batch_size, seed)
-
-
-def probe_routing(model, inputs) -> dict:
-    """Activated experts per (token, layer) on fixed inputs, read by a RoutingTap (dit_moe.sampling.trace)."""
-    from ..sampling.trace import probe_routing as probe
-
-    return probe(model, inputs)
-
-
-def calibrate_topp_threshold(model, inputs, target: float, iters: int = 30, tol: float = 1e-3) -> dict:
-    """The global Top-p threshold that activates ``target`` experts on ``inputs``: the toolkit's one threshold
-    calibrator (dit_moe.models.calibration, through dit_moe.sampling.trace)."""
-    from ..sampling.trace import calibrate_topp_threshold as calibrate
-
-    try:
-        return calibrate(model, inputs, target, iters=iters, tol=tol)
-    except ValueError as e:
-        raise StudyError(str(e)) from e
+__all__ = ["run_arm", "summarize_run", "check_inputs", "run_study", "report_study", "time_arms"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 #                                              One run
 # ---------------------------------------------------------------------------------------------------------
 
-def _final_checkpoint(run_dir: Path, steps: int) -> Optional[Path]:
-    ckpt = run_dir / "checkpoints" / f"step-{steps:07d}"
-    return ckpt if ckpt.is_dir() else None
-
-
 def _reference_path(study: StudyConfig) -> Path:
-    ref = study.evaluation.reference
-    if ref == "builtin-digits":
-        return study.output / "reference" / "digits.npz"
-    return Path(ref)
-
-
-def _prepare_reference(study: StudyConfig) -> Path:
-    ref = _reference_path(study)
-    if study.evaluation.reference == "builtin-digits" and not ref.is_file():
-        from ..demo import reference_digits
-        reference_digits(ref)
-    return ref
+    """The study's FID reference file (the embedded digits: written into the output folder once)."""
+    return pipeline.reference_file(study.evaluation.reference, study.output)
 
 
 def _evaluation_record(ev: EvalSpec) -> dict:
@@ -97,7 +62,7 @@ def _load_result(run_dir: Path, steps: int, ev: EvalSpec) -> Optional[dict]:
     A study over several sittings must not mix evaluations: a finished run evaluated with other settings than the
     study's now is an error naming the settings (results from before the record existed are taken as they are)."""
     f = run_dir / RESULT_FILE
-    if not f.is_file() or _final_checkpoint(run_dir, steps) is None:
+    if not f.is_file() or pipeline.final_checkpoint(run_dir, steps) is None:
         return None
     try:
         result = json.loads(f.read_text())
@@ -120,8 +85,6 @@ def _record_file(study: StudyConfig, arm: ArmSpec, seed: int) -> Optional[Path]:
 def _finished(study: StudyConfig, arm: ArmSpec, seed: int, cfg: ExperimentConfig) -> Optional[dict]:
     """The numbers of a finished (arm, seed): its record (checked against the study now) or, without one, the
     finished run folder's study_result.json; None when the run has to (continue to) train."""
-    from ..training import run_dir_of
-
     f = _record_file(study, arm, seed)
     if f is not None and f.is_file():
         return read_record(f, arm.name, seed, _evaluation_record(study.evaluation), cfg.to_dict(),
@@ -151,15 +114,11 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
             device: Optional[str] = None) -> dict:
     """Train, probe, sample, evaluate and analyse one (arm, seed), then take the read-outs that need its checkpoint
     (routing state, compute sweep); returns its numbers, written to the run's study_result.json and its record."""
-    import torch
-
-    from ..training import run_dir_of
-
     is_main = state is None or state.is_main_process
     cfg = arm_config(study, arm, seed, threshold)
     run_dir = run_dir_of(cfg)
     result = _finished(study, arm, seed, cfg)
-    ckpt = _final_checkpoint(run_dir, cfg.train.steps)
+    ckpt = pipeline.final_checkpoint(run_dir, cfg.train.steps)
     todo = _missing(study, arm, seed, result, ckpt)
     if not todo:
         result["skipped"] = True
@@ -167,7 +126,7 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if result is None:
         result = _train_and_evaluate(study, arm, seed, cfg, threshold, state, device)
-        ckpt = _final_checkpoint(run_dir, cfg.train.steps)
+        ckpt = pipeline.final_checkpoint(run_dir, cfg.train.steps)
         todo = _missing(study, arm, seed, result, ckpt)
     if not is_main:
         return {}
@@ -195,39 +154,32 @@ def run_arm(study: StudyConfig, arm: ArmSpec, seed: int, threshold: Optional[flo
 
 def _train_and_evaluate(study: StudyConfig, arm: ArmSpec, seed: int, cfg: ExperimentConfig,
                         threshold: Optional[float], state, device: str) -> dict:
-    """Train, probe, sample + FID, analyse: the table's numbers of one run (every process takes part; the main
-    process gets them, the others {})."""
-    from .. import analyze, inference, sampling
-    from ..training import run_dir_of, train
-
+    """The pipeline's stages (``dit_moe.pipeline``): train, probe, sample + FID, analyse: the table's numbers of one
+    run (every process takes part; the main process gets them, the others {})."""
     is_main = state is None or state.is_main_process
     barrier = (lambda: state.wait_for_everyone()) if state is not None else (lambda: None)
     run_dir = run_dir_of(cfg)
     ev = study.evaluation
-    timings = {}        # wall seconds per stage, and this process's CPU seconds (the cost on a shared machine)
-    # A run continued from an earlier process's checkpoint or samples: its seconds count this process's part only.
-    timings["resumed"] = bool(list_checkpoints(run_dir)) or (run_dir / "study_samples" / "images").is_dir()
+    # Wall seconds per stage, and this process's CPU seconds (the cost on a shared machine). A run continued from an
+    # earlier process's checkpoint or samples: its seconds count this process's part only.
+    watch = pipeline.Stopwatch(cpu=True, timings={
+        "resumed": bool(list_checkpoints(run_dir)) or (run_dir / "study_samples" / "images").is_dir()})
     toolkit = toolkit_info()
 
-    t0, c0 = time.time(), time.process_time()
-    train(cfg, resume="latest")
-    timings["train_s"] = round(time.time() - t0, 1)
-    timings["train_cpu_s"] = round(time.process_time() - c0, 1)
-    ckpt = _final_checkpoint(run_dir, cfg.train.steps)
+    with watch.stage("train"):
+        pipeline.train_run(cfg)
+    ckpt = pipeline.final_checkpoint(run_dir, cfg.train.steps)
     if ckpt is None:
         raise StudyError(f"{run_dir}: training returned without a final checkpoint step-{cfg.train.steps:07d}")
 
     probe = None
     if is_main:
-        t0, c0 = time.time(), time.process_time()
-        model = inference.load(ckpt, weights="model", device=device).model
-        if model.arch.is_moe:
-            probe = probe_routing(model, _probe_inputs(cfg, ev.probe_batches, ev.probe_batch_size))
-        del model
-        timings["probe_s"] = round(time.time() - t0, 1)
-        timings["probe_cpu_s"] = round(time.process_time() - c0, 1)
+        with watch.stage("probe"):
+            model = inference.load(ckpt, weights="model", device=device).model
+            if model.arch.is_moe:
+                probe = probe_routing(model, probe_inputs(cfg, ev.probe_batches, ev.probe_batch_size))
+            del model
 
-    t0, c0 = time.time(), time.process_time()
     sampler, steps = ev.sampler_for(cfg.diffusion.objective)      # the checkpoint's sample section says the same
     samples_dir = run_dir / "study_samples"
     several = state is not None and state.num_processes > 1
@@ -235,34 +187,27 @@ def _train_and_evaluate(study: StudyConfig, arm: ArmSpec, seed: int, cfg: Experi
     evaluation = sampling.Evaluation(reference=str(_reference_path(study)), extractor=ev.extractor,
                                      inception_weights=ev.inception_weights,
                                      classifier_accuracy=ev.classifier_accuracy)
-    try:
-        bundle = inference.load(ckpt, weights="ema", device=state.device if several else device)
-        settings = dataclasses.replace(bundle.defaults, sampler=sampler, steps=steps, cfg_scale=ev.cfg_scale,
-                                       seed=ev.seed, batch_size=ev.batch_size)
-        info = sampling.generate(bundle, samples_dir, settings, num_samples=ev.num_samples, state=state,
-                                 progress=False, evaluation=evaluation)
-    except (sampling.SamplingError, inference.InferenceError, OSError) as e:
-        raise StudyError(f"{run_dir}: sampling / FID failed: {e}") from e
-    del bundle
-    timings["sample_fid_s"] = round(time.time() - t0, 1)
-    timings["sample_fid_cpu_s"] = round(time.process_time() - c0, 1)
+    with watch.stage("sample_fid"):
+        try:
+            bundle = inference.load(ckpt, weights="ema", device=state.device if several else device)
+            settings = dataclasses.replace(bundle.defaults, sampler=sampler, steps=steps, cfg_scale=ev.cfg_scale,
+                                           seed=ev.seed, batch_size=ev.batch_size)
+            info = pipeline.generate_and_evaluate(bundle, samples_dir, settings, ev.num_samples, evaluation, state)
+        except (sampling.SamplingError, inference.InferenceError, OSError) as e:
+            raise StudyError(f"{run_dir}: sampling / FID failed: {e}") from e
+        del bundle
     barrier()
     if not is_main:
         return {}
     values = info["metrics"]
     accuracy = info["classifier_accuracy"]
 
-    t0, c0 = time.time(), time.process_time()
-    analysis = None
-    try:
-        report = analyze.analyze_checkpoint(ckpt, num_per_class=ev.analysis_per_class, sampler=sampler,
-                                            num_steps=steps, cfg_scale=ev.cfg_scale, seed=ev.seed, device=device)
-        analysis = report["active_experts"]
-    except analyze.AnalysisError:
-        analysis = None          # a dense model: nothing to analyse
-    analyze.plot_training_curves(run_dir)
-    timings["analysis_s"] = round(time.time() - t0, 1)
-    timings["analysis_cpu_s"] = round(time.process_time() - c0, 1)
+    with watch.stage("analysis"):
+        report, _ = pipeline.analyze_run(ckpt, run_dir, dense_ok=True, num_per_class=ev.analysis_per_class,
+                                         sampler=sampler, num_steps=steps, cfg_scale=ev.cfg_scale, seed=ev.seed,
+                                         device=device)
+        analysis = report["active_experts"] if report is not None else None   # None: a dense model
+    timings = watch.timings
 
     result = summarize_run(run_dir, ev)
     result.update({
@@ -296,8 +241,6 @@ def _train_and_evaluate(study: StudyConfig, arm: ArmSpec, seed: int, cfg: Experi
 
 def summarize_run(run_dir: Path, ev: EvalSpec) -> dict:
     """Training numbers of one run from its metrics.jsonl: loss curve, final loss, activated experts, s/step."""
-    from ..analyze import read_metrics
-
     rows = read_metrics(run_dir)
     steps = [r["step"] for r in rows]
     diff = [r["mse"] + r.get("vb", 0.0) for r in rows]    # the diffusion loss, without router aux terms (flow: no vb)
@@ -305,15 +248,13 @@ def summarize_run(run_dir: Path, ev: EvalSpec) -> dict:
     n_active = max(1, int(round(ev.active_fraction * len(rows))))
     active = [r.get("active_experts") for r in rows]
     tail = [a for a in active[-n_active:] if a is not None]
-    # The first interval includes start-up (first forward, allocation): leave it out of the speed.
-    sps = [r["steps_per_sec"] for r in rows[1:] if r.get("steps_per_sec")] or [rows[0]["steps_per_sec"]]
     return {
         "curve": {"step": steps, "loss": diff, "active": active,
                   "threshold": [r.get("threshold") if not isinstance(r.get("threshold"), list) else None for r in rows]},
         "final_loss": float(np.mean(diff[-n_final:])),
         "train_active_mean": float(np.mean(tail)) if tail else None,
         "train_active_step_std": float(np.std(tail)) if tail else None,
-        "sec_per_step": float(np.median([1.0 / s for s in sps])),
+        "sec_per_step": pipeline.seconds_per_step(run_dir),
         "train_seconds": rows[-1].get("seconds"),
     }
 
@@ -324,9 +265,6 @@ def summarize_run(run_dir: Path, ev: EvalSpec) -> dict:
 
 def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
     """The calibrated threshold of ``arm`` (cached in <output>/calibration.json)."""
-    from ..inference import load
-    from ..training import run_dir_of
-
     file = study.output / CALIBRATION_FILE
     cache = read_cache(file)
     src = study.arm(arm.calibrate_from)
@@ -339,7 +277,7 @@ def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
     if entry and entry.get("target") == arm.calibrate_target and entry.get("source_arm") == src.name \
             and entry.get("source_seed") == study.seeds[0]:
         return entry["threshold"]
-    ckpt = _final_checkpoint(run_dir_of(src_cfg), src_cfg.train.steps)
+    ckpt = pipeline.final_checkpoint(run_dir_of(src_cfg), src_cfg.train.steps)
     if ckpt is None:
         raise StudyError(f"arm {arm.name!r}: calibration source {src.name!r} seed {study.seeds[0]} has not finished")
     entry = cache.get(key)
@@ -347,9 +285,9 @@ def _calibrate(study: StudyConfig, arm: ArmSpec, device: str) -> float:
         if study.records is not None:
             write_cache(study.records / CALIBRATION_FILE, {**recorded, key: entry})
         return entry["threshold"]
-    model = load(ckpt, weights="model", device=device).model
+    model = inference.load(ckpt, weights="model", device=device).model
     ev = study.evaluation
-    result = calibrate_topp_threshold(model, _probe_inputs(src_cfg, ev.probe_batches, ev.probe_batch_size),
+    result = calibrate_topp_threshold(model, probe_inputs(src_cfg, ev.probe_batches, ev.probe_batch_size),
                                       arm.calibrate_target)
     result.update(source_arm=src.name, source_seed=study.seeds[0], source_checkpoint=str(ckpt),
                   source_threshold=src_cfg.routing.threshold)
@@ -382,7 +320,6 @@ def _stop_workers_on_sigterm():
 
 
 def _worker_init(threads: int) -> None:
-    import torch
     torch.set_num_threads(threads)
 
 
@@ -399,11 +336,6 @@ def check_inputs(study: StudyConfig, jobs: int = 1, device: Optional[str] = None
     """What ``run_study`` checks before the output folder is created: --jobs, --device, --arms, the output path,
     the extractor and its weights, and a reference file or folder (it must open as the FID reference). Returns
     the device."""
-    from ..checks import check_at_least, check_output_dir
-    from ..errors import DitMoeError
-    from ..evaluate import check_extractor, check_reference
-    from ..inference import resolve_device
-
     check_at_least("--jobs", jobs, 1, StudyError)
     if only_arms:
         missing = sorted(set(only_arms) - {a.name for a in study.arms})
@@ -411,7 +343,7 @@ def check_inputs(study: StudyConfig, jobs: int = 1, device: Optional[str] = None
             raise StudyError(f"--arms: unknown arm(s) {', '.join(missing)}; arms: "
                              + ", ".join(a.name for a in study.arms))
     check_output_dir("output", study.output, StudyError)
-    device = str(resolve_device(device))
+    device = str(inference.resolve_device(device))
     ev = study.evaluation
     try:
         if ev.reference == "builtin-digits":
@@ -432,7 +364,6 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
     device = check_inputs(study, jobs, device, only_arms)       # before any folder is created
     state = None
     if os.environ.get("WORLD_SIZE", "1") != "1":
-        from accelerate import PartialState
         state = PartialState(cpu=device == "cpu")
         if jobs != 1:
             raise StudyError(f"--jobs {jobs}: under a multi-process launch every run uses all processes; use --jobs 1")
@@ -443,10 +374,9 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
         arms = [a for a in study.arms if a.name in needed] + arms
     study.output.mkdir(parents=True, exist_ok=True)
     if is_main:
-        _prepare_reference(study)
+        _reference_path(study)                 # written once, before workers read it
         (study.output / "study.yaml").write_text(study.path.read_text() if study.path else "")
         if study.evaluation.extractor == "digits-cnn":
-            from ..features import digits_classifier
             digits_classifier()           # train/cache the classifier once, before parallel workers race for it
     if state is not None:
         state.wait_for_everyone()
@@ -467,17 +397,15 @@ def run_study(study: StudyConfig, jobs: int = 1, device: Optional[str] = None, p
             return None
         if state is None:
             return _calibrate(study, arm, device)
-        from accelerate.utils import broadcast_object_list
         box = [_calibrate(study, arm, device) if is_main else None]
         broadcast_object_list(box, from_process=0)
         return box[0]
 
     def _is_done(arm: ArmSpec, seed: int, threshold) -> bool:
         """Nothing left to do for this (arm, seed) (a worker process is not worth starting)."""
-        from ..training import run_dir_of
         cfg = arm_config(study, arm, seed, threshold)
         return not _missing(study, arm, seed, _finished(study, arm, seed, cfg),
-                            _final_checkpoint(run_dir_of(cfg), cfg.train.steps))
+                            pipeline.final_checkpoint(run_dir_of(cfg), cfg.train.steps))
 
     if jobs <= 1:
         for arm, seed in tasks:
@@ -568,10 +496,6 @@ def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, threshol
     pass trains each arm (first seed) for ``evaluation.timing_steps`` steps in this process, alone, and reports the
     median over logging intervals after the first (start-up) one. Cached in ``<output>/timing.json``.
     """
-    import torch
-
-    from ..training import train
-
     is_main = state is None or state.is_main_process
     steps = study.evaluation.timing_steps
     file = study.output / TIMING_FILE
@@ -599,8 +523,7 @@ def time_arms(study: StudyConfig, arms: Sequence[ArmSpec], device: str, threshol
             if state is not None:
                 state.wait_for_everyone()
             train(cfg)                    # under a multi-process launch every process takes part
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            cache[key] = float(np.median([1.0 / r["steps_per_sec"] for r in rows[1:]] or [1.0 / rows[0]["steps_per_sec"]]))
+            cache[key] = pipeline.seconds_per_step(run_dir)
             if is_main:
                 write_cache(file, cache)
                 if records is not None:
