@@ -32,7 +32,7 @@ The checkpoint carries DiT's evaluation protocol as its sampling defaults (DDPM,
 1.5, guidance on the first 3 latent channels as DiT's sampler does), the VAE (``stabilityai/sd-vae-ft-ema`` for
 DiT files, the pipeline's own ``vae/`` for diffusers folders, ``--vae`` to choose), its scaling factor and the
 ImageNet class names (torchvision's list, no download). Export (``--to diffusers``) is the inverse mapping for
-dense models; diffusers hard-codes ``downscale_freq_shift=1``, so a model with DiT's timestep convention exports
+dense models (MoE models export as a ``DiTMoEPipeline``, dit_moe/weights/diffusers_moe.py); diffusers hard-codes ``downscale_freq_shift=1``, so a model with DiT's timestep convention exports
 with a warning that diffusers will compute a slightly different function.
 """
 from __future__ import annotations
@@ -398,8 +398,12 @@ def run(args: argparse.Namespace) -> Path:
         from .export import export_diffusers
         out = export_diffusers(args.source, args.out, which=args.weights, vae=args.vae,
                                transformer_only=args.transformer_only, overwrite=args.overwrite)
-        print(f"wrote {out} (diffusers: DiTTransformer2DModel.from_pretrained('{out}', subfolder='transformer')"
-              f"{'' if not (out / 'model_index.json').is_file() else f', DiTPipeline.from_pretrained({str(out)!r})'})")
+        moe = "DiTMoE" in (out / "transformer" / "config.json").read_text()
+        model_cls, pipe_cls = ("DiTMoETransformer2DModel", "DiTMoEPipeline") if moe else \
+            ("DiTTransformer2DModel", "DiTPipeline")
+        print(f"wrote {out} (diffusers: {model_cls}.from_pretrained('{out}', subfolder='transformer')"
+              f"{'' if not (out / 'model_index.json').is_file() else f', {pipe_cls}.from_pretrained({str(out)!r})'}"
+              f"{'; from dit_moe.weights.diffusers_moe import ' + pipe_cls if moe else ''})")
         return out
     prepare_output(args.out, args.overwrite, is_checkpoint, "dit-moe checkpoint")   # fail before any loading
     imp = read_source(args.source, convention=args.convention, vae=args.vae, input_size=args.input_size)
