@@ -33,8 +33,9 @@ The checkpoint carries DiT's evaluation protocol as its sampling defaults (DDPM,
 1.5, guidance on the first 3 latent channels as DiT's sampler does), the VAE (``stabilityai/sd-vae-ft-ema`` for
 DiT files, the pipeline's own ``vae/`` for diffusers folders, ``--vae`` to choose), its scaling factor and the
 ImageNet class names (torchvision's list, no download). Export (``--to diffusers``) is the inverse mapping for
-dense models (MoE models export as a ``DiTMoEPipeline``, dit_moe/weights/diffusers_moe.py); diffusers hard-codes ``downscale_freq_shift=1``, so a model with DiT's timestep convention exports
-with a warning that diffusers will compute a slightly different function.
+dense models (MoE models export as a ``DiTMoEPipeline``, dit_moe/weights/diffusers_moe.py); diffusers hard-codes
+``downscale_freq_shift=1``, so a model with DiT's timestep convention exports with a warning that diffusers will
+compute a slightly different function.
 """
 from __future__ import annotations
 

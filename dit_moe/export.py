@@ -5,9 +5,10 @@ folder; MoE models as a DiTMoEPipeline folder (dit_moe/weights/diffusers_moe.py)
 
 The inverse of the diffusers import (dit_moe/layouts.py): q, k, v split from the fused qkv, one copy of the
 timestep/label embedders per block, the MLP LayerNorm eps as the config's norm_eps. MoE models cannot be a
-DiTTransformer2DModel (one dense MLP per diffusers block): they keep dit-moe's network inside diffusers' ModelMixin. diffusers hard-codes the timestep convention ``downscale_freq_shift=1``: a model
-with DiT's convention (model.timestep_freq_shift=0, everything trained here and every DiT file) exports with a
-warning that diffusers computes a slightly different function; a model imported from diffusers round-trips exactly.
+DiTTransformer2DModel (one dense MLP per diffusers block): they keep dit-moe's network inside diffusers' ModelMixin.
+diffusers hard-codes the timestep convention ``downscale_freq_shift=1``: a model with DiT's convention
+(model.timestep_freq_shift=0, everything trained here and every DiT file) exports with a warning that diffusers
+computes a slightly different function; a model imported from diffusers round-trips exactly.
 """
 from __future__ import annotations
 

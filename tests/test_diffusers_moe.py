@@ -4,8 +4,9 @@ with Euler), with and without guidance, and round-trips through save_pretrained 
 Tolerances. DDPM: the pipeline steps the same DDPMScheduler with the same model calls and per-image generators as
 our ddpm sampler, so latents agree to float32 round-off (asserted atol 1e-5; measured: identical). Flow: diffusers
 computes the shifted sigmas and the timesteps 1000 sigma in float32, our grid in float64, so the network sees
-timesteps that differ in the last float32 bits; latents agree to atol 2e-4 (measured <= 6e-7). Images written by `dit-moe sample` are uint8 of the same [-1, 1]
-latents (ADM's 127.5 x + 128 truncated), the pipeline's in [0, 1]: they agree within one grey level.
+timesteps that differ in the last float32 bits; latents agree to atol 2e-4 (measured <= 6e-7). Images written by
+`dit-moe sample` are uint8 of the same [-1, 1] latents (ADM's 127.5 x + 128 truncated), the pipeline's in [0, 1]:
+they agree within one grey level.
 """
 import json
 
@@ -40,7 +41,8 @@ def _randomise(model, seed=1, scale=0.05):
     """adaLN-Zero makes a fresh model output zeros; random gates and output weights make outputs depend on x, t, y."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in list(model.final_layer.parameters()) + [q for b in model.blocks for q in b.adaLN_modulation.parameters()]:
+        gates = [q for b in model.blocks for q in b.adaLN_modulation.parameters()]
+        for p in list(model.final_layer.parameters()) + gates:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model.eval()
 

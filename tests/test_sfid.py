@@ -187,8 +187,8 @@ def test_evaluate_cli_reports_sfid_and_saves_spatial_reference_stats(tmp_path, c
 def test_bulk_sampling_with_fid_reports_sfid(tmp_path):
     from dit_moe.sampling import main as sample_main
 
-    data_info = DataInfo(num_classes=10, in_channels=1, latent_size=8, image_size=8, class_names=tuple("0123456789"), vae=None,
-                         scaling_factor=1.0, source="builtin:digits").to_dict()
+    data_info = DataInfo(num_classes=10, in_channels=1, latent_size=8, image_size=8, class_names=tuple("0123456789"),
+                         vae=None, scaling_factor=1.0, source="builtin:digits").to_dict()
     torch.manual_seed(0)
     model = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10).eval()
     exp = ExperimentConfig(sample=SampleConfig(sampler="ddim", steps=2, cfg_scale=1.0, batch_size=8))
