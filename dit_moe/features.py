@@ -275,7 +275,8 @@ class TinyRandomFeatureExtractor(FeatureExtractorBase):
     """
     torch-fidelity extractor "test-tiny" for tests: a fixed-seed random 3x3 conv (3 -> 16) + tanh + global
     mean pooling, so any image size works. "16" features (FID/KID/PRC) and "logits" = fixed random 16 -> 10
-    projection (IS). Needs no download and no training.
+    projection (IS). Needs no download and no training. ``spatial_tap`` (an identity) exposes the tanh map
+    (N, 16, H, W) to a forward hook: the evaluator's sFID stand-in for Inception's mixed_6/conv.
     """
 
     def __init__(self, name, features_list, **kwargs):
@@ -284,6 +285,7 @@ class TinyRandomFeatureExtractor(FeatureExtractorBase):
         self.register_buffer("conv_w", torch.randn(16, 3, 3, 3, generator=gen) / math.sqrt(27))
         self.register_buffer("conv_b", torch.randn(16, generator=gen) * 0.1)
         self.register_buffer("proj", torch.randn(16, NUM_DIGITS, generator=gen))
+        self.spatial_tap = nn.Identity()
 
     @staticmethod
     def get_provided_features_list():
@@ -303,7 +305,7 @@ class TinyRandomFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, x):
         x = x.float() / 127.5 - 1.0
-        h = torch.tanh(F.conv2d(x, self.conv_w, self.conv_b, padding=1))  # (N, 16, H, W)
+        h = self.spatial_tap(torch.tanh(F.conv2d(x, self.conv_w, self.conv_b, padding=1)))  # (N, 16, H, W)
         feats = h.mean(dim=(2, 3))                                          # (N, 16)
         out = {"16": feats, "logits": feats @ self.proj}
         return tuple(out[name] for name in self.features_list)

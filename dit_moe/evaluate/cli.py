@@ -1,6 +1,6 @@
 """`dit-moe evaluate GENERATED REFERENCE` (also `python -m dit_moe.evaluate`): metrics of two image sets as JSON.
 
-    dit-moe evaluate samples/samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,isc,kid,prc --out metrics.json
+    dit-moe evaluate samples/samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid,isc,kid,prc --out m.json
 
 Every value is checked before any feature is extracted; a bad input is one line naming it (exit code 2).
 """
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSON file of settings to record (model, checkpoint step, sampler, steps, cfg, seeds, ...)")
     p.add_argument("--out", default=None, help="write metrics + settings to this JSON file")
     p.add_argument("--save-ref-stats", default=None, metavar="PATH", help="also write the reference's FID "
-                                                                          "statistics to this .npz")
+                                                                          "(and sFID) statistics to this .npz")
     p.add_argument("--verbose", action="store_true")
 
 

@@ -19,14 +19,14 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
 from .. import features as _features
 from ..errors import EvaluationError, InputNotFoundError
-from .extraction import (DEFAULT_EXTRACTOR, _default_workers, _resolve_device, check_extractor, extract_features,
-                         make_extractor)
+from .extraction import (DEFAULT_EXTRACTOR, SPATIAL_TAPS, _default_workers, _resolve_device, check_extractor,
+                         extract_features, make_extractor, spatial_tap)
 from .sources import open_source
 from .statistics import _write_stats, feature_statistics, frechet_distance
 
 __all__ = ["METRICS", "compute_metrics", "check_reference", "save_stats", "load_stats", "write_metrics_json"]
 
-METRICS = ("fid", "isc", "kid", "prc")
+METRICS = ("fid", "sfid", "isc", "kid", "prc")
 
 
 # Settings of torch-fidelity's metric functions that change the numbers; recorded in the JSON.
@@ -39,14 +39,27 @@ PRC_NEIGHBORHOOD = 3
 
 @dataclass
 class _Plan:
-    """Which side needs which features, and where each side's FID statistics come from."""
+    """Which side needs which features, and where each side's FID (and sFID) statistics come from."""
     layers: dict = field(default_factory=lambda: {"generated": set(), "reference": set()})
     fid_from_stats: dict = field(default_factory=dict)
+    sfid_from_stats: dict = field(default_factory=dict)
 
 
 def _fid_stats_usable(source, extractor, layer):
     s = source.stats
     return s is not None and (s["feature_extractor"], s["feature_layer"]) == (extractor, layer)
+
+
+def _sfid_stats_usable(source, extractor, spatial_layer):
+    s = source.stats
+    return (s is not None and s.get("mu_s") is not None and s["feature_extractor"] == extractor
+            and s.get("spatial_layer") == spatial_layer)
+
+
+def _layers_for(cls, extractor, metrics):
+    """{metric: feature layer}: torch-fidelity's default per metric; sFID's the extractor's spatial tap."""
+    return {m: spatial_tap(extractor).layer if m == "sfid" else cls.get_default_feature_layer_for_metric(m)
+            for m in metrics}
 
 
 def _check_metrics(metrics) -> tuple:
@@ -58,8 +71,10 @@ def _check_metrics(metrics) -> tuple:
 
 
 def _plan_side(plan, role, src, metrics, feature_extractor, layer_for, fid_layer, stats_file=False):
-    """Record in ``plan`` what ``src`` (the ``role`` side) must give for ``metrics``: its FID statistics where they
-    fit the extractor, else features of ``fid_layer``; features for IS/KID/PRC. EvaluationError when it cannot."""
+    """Record in ``plan`` what ``src`` (the ``role`` side) must give for ``metrics``: its FID (sFID) statistics where
+    they fit the extractor, else features of ``fid_layer`` (the spatial tap); features for IS/KID/PRC.
+    EvaluationError when it cannot. ``stats_file``: a statistics file of this side will be written, so FID
+    statistics are needed, and spatial ones where they come at no extra pass."""
     if "fid" in metrics or stats_file:
         plan.fid_from_stats[role] = _fid_stats_usable(src, feature_extractor, fid_layer)
         if not plan.fid_from_stats[role]:
@@ -69,6 +84,15 @@ def _plan_side(plan, role, src, metrics, feature_extractor, layer_for, fid_layer
                     f"{role} {src.name} holds FID statistics of {s['feature_extractor']}/{s['feature_layer']} "
                     f"but no images; cannot evaluate with extractor {feature_extractor}")
             plan.layers[role].add(fid_layer)
+    tap = SPATIAL_TAPS.get(feature_extractor)
+    if "sfid" in metrics:
+        plan.sfid_from_stats[role] = _sfid_stats_usable(src, feature_extractor, tap.layer)
+        if not plan.sfid_from_stats[role]:
+            if not src.has_images:
+                raise EvaluationError(
+                    f"sfid needs {role} images or spatial statistics (mu_s/sigma_s) of {feature_extractor}/"
+                    f"{tap.layer}; {src.name} holds neither")
+            plan.layers[role].add(tap.layer)
     for m in ("isc", "kid", "prc"):
         if m not in metrics or (m == "isc" and role == "reference"):
             continue
@@ -77,10 +101,17 @@ def _plan_side(plan, role, src, metrics, feature_extractor, layer_for, fid_layer
                                   f"precision/recall and KID need the reference images, e.g. arr_0 of an ADM "
                                   f"reference batch")
         plan.layers[role].add(layer_for[m])
+    if stats_file and tap is not None and role not in plan.sfid_from_stats:
+        if _sfid_stats_usable(src, feature_extractor, tap.layer):
+            plan.sfid_from_stats[role] = True
+        elif plan.layers[role]:             # the extractor runs over these images anyway: the hook is free
+            plan.sfid_from_stats[role] = False
+            plan.layers[role].add(tap.layer)
 
-    minimum = {"fid": 2, "isc": ISC_SPLITS, "kid": 2, "prc": PRC_NEIGHBORHOOD + 1}
+    minimum = {"fid": 2, "sfid": 2, "isc": ISC_SPLITS, "kid": 2, "prc": PRC_NEIGHBORHOOD + 1}
     for m in metrics:
-        uses_images = {"fid": plan.fid_from_stats.get(role) is False, "isc": role == "generated"}.get(m, True)
+        uses_images = {"fid": plan.fid_from_stats.get(role) is False, "sfid": plan.sfid_from_stats.get(role) is False,
+                       "isc": role == "generated"}.get(m, True)
         if uses_images and len(src.dataset) < minimum[m]:
             raise EvaluationError(f"{m} needs at least {minimum[m]} {role} images, {src.name} has {len(src.dataset)}")
 
@@ -97,9 +128,9 @@ def check_reference(reference, *, metrics=("fid",), feature_extractor=DEFAULT_EX
     if inception_weights is not None and not os.path.isfile(inception_weights):
         raise InputNotFoundError(f"feature extractor weights {inception_weights} do not exist")
     try:
+        layer_for = _layers_for(cls, feature_extractor, metrics)
         ref = open_source(reference, recursive=recursive)
-        _plan_side(_Plan(), "reference", ref, metrics, feature_extractor,
-                   {m: cls.get_default_feature_layer_for_metric(m) for m in metrics},
+        _plan_side(_Plan(), "reference", ref, metrics, feature_extractor, layer_for,
                    cls.get_default_feature_layer_for_metric("fid"))
     except (EvaluationError, InputNotFoundError) as e:
         raise type(e)(f"{label}: {e}") from None
@@ -114,8 +145,10 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
 
     generated, reference: folder path, npz path (images `arr_0` and/or statistics `mu`/`sigma`), or a Dataset
         of uint8 (3, H, W) tensors (see module docstring).
-    metrics: subset of ("fid", "isc", "kid", "prc"). Keys in the result: fid; isc_mean, isc_std; kid_mean,
-        kid_std; precision, recall, f_score.
+    metrics: subset of ("fid", "sfid", "isc", "kid", "prc"). Keys in the result: fid; sfid; isc_mean, isc_std;
+        kid_mean, kid_std; precision, recall, f_score. sFID is the Frechet distance (same code as FID) of the
+        extractor's spatial features (``SPATIAL_TAPS``: Inception's mixed_6/conv, first 7 channels, 2023 values),
+        from a side's mu_s/sigma_s where it holds them (ADM reference batches, our statistics files).
     feature_extractor: a torch-fidelity extractor name ("inception-v3-compat", "digits-cnn", "test-tiny", ...);
         all metrics use it (so P/R are on Inception pool_3 by default, as ADM).
     inception_weights: local weights file for the extractor (torch-fidelity's feature_extractor_weights_path);
@@ -126,11 +159,12 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
         kept and the caller's moves to "caller_<key>". A Dataset input is described by the caller's
         settings["generated"] / settings["reference"] when given.
     kid_subset_size: default min(1000, N_generated, N_reference).
-    save_reference_stats: write the reference's FID statistics (save_stats format) to this path.
+    save_reference_stats: write the reference's FID statistics (save_stats format) to this path, with its sFID
+        statistics where they are known or come from the same extractor pass.
     """
     metrics = _check_metrics(metrics)
     cls = check_extractor(feature_extractor)
-    layer_for = {m: cls.get_default_feature_layer_for_metric(m) for m in metrics}
+    layer_for = _layers_for(cls, feature_extractor, metrics)
     device = _resolve_device(device)
 
     gen = open_source(generated, recursive=recursive)
@@ -165,7 +199,8 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
                 if verbose:
                     print(f"extracting {feature_extractor} features of {role} {src.name}", file=sys.stderr)
                 workers = _default_workers(src, device) if num_workers is None else num_workers
-                feats[role] = extract_features(src.dataset, extractor, batch_size, device, workers, verbose)
+                feats[role] = extract_features(src.dataset, extractor, batch_size, device, workers, verbose,
+                                               spatial=plan.sfid_from_stats.get(role) is False)
 
     # ---- metrics
     out = {}
@@ -175,7 +210,7 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
         feature_extractor=feature_extractor,
         feature_layers={m: layer_for[m] for m in metrics},
         extractor_weights=_weights_description(feature_extractor, inception_weights),
-        metrics_code=f"torch-fidelity {torch_fidelity.__version__} (IS/KID/PRC); FID: dit_moe.evaluate "
+        metrics_code=f"torch-fidelity {torch_fidelity.__version__} (IS/KID/PRC); FID, sFID: dit_moe.evaluate "
                      f"frechet_distance (float64)",
         eval_device=str(device),
     )
@@ -191,6 +226,20 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
             own[f"fid_{role}_statistics"] = f"features of {len(src.dataset)} images"
     if "fid" in metrics:
         out["fid"] = frechet_distance(*fid_stats["generated"], *fid_stats["reference"])
+    tap = SPATIAL_TAPS.get(feature_extractor)
+    sfid_stats = {}
+    for role, src in (("generated", gen), ("reference", ref)):
+        if role not in plan.sfid_from_stats:
+            continue
+        if plan.sfid_from_stats[role]:
+            sfid_stats[role] = (src.stats["mu_s"], src.stats["sigma_s"])
+            own[f"sfid_{role}_statistics"] = f"mu_s/sigma_s from {src.name} ({src.stats['origin']})"
+        else:
+            sfid_stats[role] = feature_statistics(feats[role][tap.layer].numpy())
+            own[f"sfid_{role}_statistics"] = f"spatial features of {len(src.dataset)} images"
+    if "sfid" in metrics:
+        out["sfid"] = frechet_distance(*sfid_stats["generated"], *sfid_stats["reference"])
+        own["sfid_features"] = _spatial_description(feature_extractor, tap)
     tf_kwargs = {"verbose": verbose, "rng_seed": SHUFFLE_SEED, "samples_shuffle": True}
     if "isc" in metrics:
         r = isc_featuresdict_to_metric(feats["generated"], layer_for["isc"], isc_splits=ISC_SPLITS, **tf_kwargs)
@@ -212,10 +261,18 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
 
     if need_ref_stats_file:
         mu, sigma = fid_stats["reference"]
+        spatial = (tap.layer, *sfid_stats["reference"]) if "reference" in sfid_stats else None
         _write_stats(save_reference_stats, mu, sigma, feature_extractor, fid_layer, ref.num_images or -1,
-                     ref.resolution)
+                     ref.resolution, spatial)
 
     return {"metrics": out, "settings": _merge_settings(settings, own, gen, ref)}
+
+
+def _spatial_description(extractor, tap):
+    where = "Inception Mixed_6d.branch1x1 = TF mixed_6/conv, as ADM's sFID" if extractor == DEFAULT_EXTRACTOR \
+        else tap.module
+    pool = f" pooled to {tap.pool[0]}x{tap.pool[1]}" if tap.pool else ""
+    return f"{extractor}/{tap.layer} ({where}): first {tap.channels} channels{pool}, flattened H, W, C"
 
 
 def _source_settings(role, src):
@@ -254,21 +311,27 @@ def save_stats(source, path, *, feature_extractor=DEFAULT_EXTRACTOR, inception_w
                device=None, verbose=False, recursive=False, num_workers=None):
     """
     Write FID statistics of `source` (folder, npz with arr_0, or Dataset) to the .npz `path`:
-    mu, sigma (float64), feature_extractor, feature_layer, num_images, resolution (H, W). Returns them as a dict.
+    mu, sigma (float64), feature_extractor, feature_layer, num_images, resolution (H, W), and where the extractor
+    has a spatial tap (sFID) mu_s, sigma_s, spatial_layer from the same pass. Returns them as a dict (mu_s,
+    sigma_s, spatial_layer None without a tap).
     """
     cls = check_extractor(feature_extractor)
     layer = cls.get_default_feature_layer_for_metric("fid")
+    tap = SPATIAL_TAPS.get(feature_extractor)
     src = open_source(source, recursive=recursive)
     if not src.has_images:
         raise EvaluationError(f"{src.name} holds statistics, not images; nothing to compute")
     device = _resolve_device(device)
     extractor = make_extractor(feature_extractor, [layer], inception_weights, device, verbose)
     workers = _default_workers(src, device) if num_workers is None else num_workers
-    feats = extract_features(src.dataset, extractor, batch_size, device, workers, verbose)[layer]
-    mu, sigma = feature_statistics(feats.numpy())
-    _write_stats(path, mu, sigma, feature_extractor, layer, len(src.dataset), src.resolution)
+    feats = extract_features(src.dataset, extractor, batch_size, device, workers, verbose, spatial=tap is not None)
+    mu, sigma = feature_statistics(feats[layer].numpy())
+    spatial = (tap.layer, *feature_statistics(feats[tap.layer].numpy())) if tap is not None else None
+    _write_stats(path, mu, sigma, feature_extractor, layer, len(src.dataset), src.resolution, spatial)
     return {"mu": mu, "sigma": sigma, "feature_extractor": feature_extractor, "feature_layer": layer,
-            "num_images": len(src.dataset), "resolution": src.resolution}
+            "num_images": len(src.dataset), "resolution": src.resolution,
+            "mu_s": spatial[1] if spatial else None, "sigma_s": spatial[2] if spatial else None,
+            "spatial_layer": spatial[0] if spatial else None}
 
 
 def load_stats(path):

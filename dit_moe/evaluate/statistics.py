@@ -1,8 +1,10 @@
 """FID statistics: mean and covariance of features, the Frechet distance, and the statistics file format.
 
 A statistics file (``save_stats``) is an npz with ``format`` = STATS_FORMAT, ``mu``, ``sigma`` (float64), the
-extractor and layer they come from, the number of images and their resolution. An ADM reference batch carries
-``mu``/``sigma`` of TF Inception pool_3 without the rest (``ADM_STATS_EXTRACTOR``).
+extractor and layer they come from, the number of images and their resolution; where the extractor has spatial
+features (sFID, see ``extraction.SPATIAL_TAPS``) also ``mu_s``, ``sigma_s`` and ``spatial_layer``. An ADM
+reference batch carries ``mu``/``sigma`` of TF Inception pool_3 and ``mu_s``/``sigma_s`` of its ``mixed_6/conv``
+spatial features without the rest (``ADM_STATS_EXTRACTOR``, ``ADM_SPATIAL_LAYER``).
 """
 import os
 import tempfile
@@ -11,16 +13,19 @@ import numpy as np
 
 from ..errors import EvaluationError
 
-__all__ = ["STATS_FORMAT", "ADM_STATS_EXTRACTOR", "feature_statistics", "frechet_distance"]
+__all__ = ["STATS_FORMAT", "ADM_STATS_EXTRACTOR", "ADM_SPATIAL_LAYER", "feature_statistics", "frechet_distance"]
 
+# The spatial keys are optional: files without them (written before sFID existed) read as before.
 STATS_FORMAT = "dit_moe-fid-stats-v1"
 ADM_STATS_EXTRACTOR = ("inception-v3-compat", "2048")  # ADM's mu/sigma are TF Inception pool_3 statistics
+ADM_SPATIAL_LAYER = "mixed_6/conv"                       # ... and its mu_s/sigma_s those of mixed_6/conv[..., :7]
 
 
 def _read_stats(path, npz):
     mu = np.asarray(npz["mu"], dtype=np.float64)
     sigma = np.asarray(npz["sigma"], dtype=np.float64)
     _check_stats_shapes(mu, sigma, path)
+    spatial = _read_spatial(path, npz)
     if "format" in npz.files:  # written by save_stats
         if str(npz["format"][()]) != STATS_FORMAT:
             raise EvaluationError(f"{path}: unknown statistics format {str(npz['format'][()])!r}, expected {STATS_FORMAT!r}")
@@ -32,11 +37,29 @@ def _read_stats(path, npz):
             "num_images": int(npz["num_images"][()]),
             "resolution": res if min(res) > 0 else None,
             "origin": "dit_moe",
+            **spatial,
         }
-    # ADM reference batch: TF Inception pool_3, image count and resolution not recorded
+    # ADM reference batch: TF Inception pool_3 (and mixed_6/conv), image count and resolution not recorded
     extractor, layer = ADM_STATS_EXTRACTOR
+    if spatial["mu_s"] is not None:
+        spatial["spatial_layer"] = ADM_SPATIAL_LAYER
     return {"mu": mu, "sigma": sigma, "feature_extractor": extractor, "feature_layer": layer,
-            "num_images": None, "resolution": None, "origin": "ADM"}
+            "num_images": None, "resolution": None, "origin": "ADM", **spatial}
+
+
+def _read_spatial(path, npz):
+    """{"mu_s", "sigma_s", "spatial_layer"} of a statistics npz; all None when it holds no spatial statistics."""
+    keys = set(npz.files)
+    if not {"mu_s", "sigma_s"} & keys:
+        return {"mu_s": None, "sigma_s": None, "spatial_layer": None}
+    if not {"mu_s", "sigma_s"} <= keys:
+        raise EvaluationError(f"{path}: spatial statistics need both mu_s and sigma_s, found only "
+                              f"{sorted({'mu_s', 'sigma_s'} & keys)}")
+    mu_s = np.asarray(npz["mu_s"], dtype=np.float64)
+    sigma_s = np.asarray(npz["sigma_s"], dtype=np.float64)
+    _check_stats_shapes(mu_s, sigma_s, f"{path} (mu_s/sigma_s)")
+    layer = str(npz["spatial_layer"][()]) if "spatial_layer" in keys else None
+    return {"mu_s": mu_s, "sigma_s": sigma_s, "spatial_layer": layer}
 
 
 def _check_stats_shapes(mu, sigma, where):
@@ -96,8 +119,13 @@ def _write_npz_atomic(path, **arrays):
         raise
 
 
-def _write_stats(path, mu, sigma, extractor, layer, num_images, resolution):
+def _write_stats(path, mu, sigma, extractor, layer, num_images, resolution, spatial=None):
+    """``spatial``: None, or (spatial_layer, mu_s, sigma_s) of the same images and extractor (sFID)."""
+    extra = {}
+    if spatial is not None:
+        spatial_layer, mu_s, sigma_s = spatial
+        extra = {"spatial_layer": np.array(spatial_layer), "mu_s": mu_s, "sigma_s": sigma_s}
     _write_npz_atomic(
         path, format=np.array(STATS_FORMAT), mu=mu, sigma=sigma,
         feature_extractor=np.array(extractor), feature_layer=np.array(layer),
-        num_images=np.array(num_images), resolution=np.array(resolution if resolution else (-1, -1)))
+        num_images=np.array(num_images), resolution=np.array(resolution if resolution else (-1, -1)), **extra)

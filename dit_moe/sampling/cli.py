@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="balanced: i %% num_classes, seeded permutation (default); random: uniform (DiT's sample_ddp)")
     b.add_argument("--fid", metavar="REF", help="after sampling, compute metrics against REF (image folder, ADM "
                    "reference npz, or statistics npz) and write DIR/metrics.json")
-    b.add_argument("--metrics", default="fid", help="with --fid: comma-separated subset of fid,isc,kid,prc")
+    b.add_argument("--metrics", default="fid", help="with --fid: comma-separated subset of fid,sfid,isc,kid,prc")
     b.add_argument("--extractor", default="inception-v3-compat",
                    help="with --fid: torch-fidelity feature extractor (digits-cnn for the embedded digits)")
     b.add_argument("--inception-weights", metavar="PATH", help="with --fid: local Inception weights (offline machines)")

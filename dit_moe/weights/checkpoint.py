@@ -202,7 +202,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its latest checkpoint)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+        # A Hub id (owner/name) of a dit-moe Hub folder, from the Hugging Face cache (offline) or the Hub. Imported
+        # here: huggingface_hub is only needed when a path does not exist (CLI start-up time).
+        from .hub import hub_snapshot
+        found, why = hub_snapshot(str(path))
+        if found is None:
+            raise CheckpointError(f"{path}: no such checkpoint or run directory{why}")
+        return found
     if is_checkpoint(path):
         return path
     if path.is_dir():

@@ -3,6 +3,7 @@
     dit-moe convert DiT-XL-2-256x256.pt --out checkpoints/DiT-XL-2-256
     dit-moe convert facebook/DiT-XL-2-256 --out checkpoints/DiT-XL-2-256-hf   # hub id or a local folder
     dit-moe convert checkpoints/my-dense --to diffusers --out exported/my-dense  # a DiTPipeline folder
+    dit-moe convert runs/my-moe --to hub --out hub/my-moe [--push-to-hub me/my-moe]  # Hub folder + model card
 
 Sources. A ``.pt``/``.pth`` file of facebookresearch/DiT: a plain state dict (the published DiT-XL-2-256x256.pt and
 -512x512.pt hold the EMA weights) or a training checkpoint ``{"model", "ema", "opt", "args"}`` (model and EMA are
@@ -32,8 +33,9 @@ The checkpoint carries DiT's evaluation protocol as its sampling defaults (DDPM,
 1.5, guidance on the first 3 latent channels as DiT's sampler does), the VAE (``stabilityai/sd-vae-ft-ema`` for
 DiT files, the pipeline's own ``vae/`` for diffusers folders, ``--vae`` to choose), its scaling factor and the
 ImageNet class names (torchvision's list, no download). Export (``--to diffusers``) is the inverse mapping for
-dense models; diffusers hard-codes ``downscale_freq_shift=1``, so a model with DiT's timestep convention exports
-with a warning that diffusers will compute a slightly different function.
+dense models (MoE models export as a ``DiTMoEPipeline``, dit_moe/weights/diffusers_moe.py); diffusers hard-codes
+``downscale_freq_shift=1``, so a model with DiT's timestep convention exports with a warning that diffusers will
+compute a slightly different function.
 """
 from __future__ import annotations
 
@@ -358,13 +360,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("source", help="DiT .pt/.safetensors file, diffusers DiT folder or hub id; with --to diffusers a "
                    "dit-moe checkpoint (or run folder)")
-    p.add_argument("--out", required=True, help="output folder (a dit-moe checkpoint, or a diffusers folder)")
-    p.add_argument("--to", choices=("dit-moe", "diffusers"), default="dit-moe", help="direction (default dit-moe)")
+    p.add_argument("--out", required=True, help="output folder (a dit-moe checkpoint, a diffusers folder, or a Hub "
+                   "folder)")
+    p.add_argument("--to", choices=("dit-moe", "diffusers", "hub"), default="dit-moe",
+                   help="direction (default dit-moe); hub: a Hugging Face Hub model folder with its model card "
+                        "(dit_moe/weights/hub.py)")
     p.add_argument("--convention", choices=CONVENTIONS, help="timestep frequencies and MLP LayerNorm eps of the "
                    "converted model (default: the source's own; 'dit' for facebook/DiT-XL-2-* to match the original code)")
     p.add_argument("--vae", help="decoder to record (hub id or local AutoencoderKL folder); export: the pipeline's VAE")
     p.add_argument("--input-size", type=int, help="latent side, only for files without pos_embed")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="export: which weights (default ema)")
+    p.add_argument("--weights", choices=("ema", "model", "raw"), default="ema",
+                   help="export: which weights (default ema; raw = model, the trained weights)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="--to hub: upload the folder (online, logged in)")
+    p.add_argument("--private", action="store_true", help="--push-to-hub: create the repo private")
+    p.add_argument("--metrics-json", action="append", default=[], metavar="PATH",
+                   help="--to hub: a metrics JSON (dit-moe evaluate --out) to list in the model card; repeatable")
     p.add_argument("--transformer-only", action="store_true", help="export: only transformer/, no DiTPipeline")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind")
 
@@ -373,11 +383,24 @@ def run(args: argparse.Namespace) -> Path:
     check_at_least("--input-size", args.input_size, 1, ConvertError)
     if Path(args.out).resolve() == Path(args.source).resolve():
         raise ConvertError(f"--out {args.out} is the source itself")
+    if args.to == "hub":
+        from .hub import export_hub
+        out = export_hub(args.source, args.out, weights="ema" if args.weights == "ema" else "raw",
+                         overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,
+                         metrics_json=args.metrics_json)
+        print(f"wrote {out} (Hub folder: config.json, model.safetensors, README.md; any dit-moe command takes it)")
+        return out
+    if args.push_to_hub:
+        raise ConvertError("--push-to-hub needs --to hub")
     if args.to == "diffusers":
-        out = export_diffusers(args.source, args.out, which=args.weights, vae=args.vae,
+        out = export_diffusers(args.source, args.out, which="ema" if args.weights == "ema" else "model", vae=args.vae,
                                transformer_only=args.transformer_only, overwrite=args.overwrite)
-        print(f"wrote {out} (diffusers: DiTTransformer2DModel.from_pretrained('{out}', subfolder='transformer')"
-              f"{'' if not (out / 'model_index.json').is_file() else f', DiTPipeline.from_pretrained({str(out)!r})'})")
+        moe = "DiTMoE" in (out / "transformer" / "config.json").read_text()
+        model_cls, pipe_cls = ("DiTMoETransformer2DModel", "DiTMoEPipeline") if moe else \
+            ("DiTTransformer2DModel", "DiTPipeline")
+        print(f"wrote {out} (diffusers: {model_cls}.from_pretrained('{out}', subfolder='transformer')"
+              f"{'' if not (out / 'model_index.json').is_file() else f', {pipe_cls}.from_pretrained({str(out)!r})'}"
+              f"{'; from dit_moe.weights.diffusers_moe import ' + pipe_cls if moe else ''})")
         return out
     prepare_output(args.out, args.overwrite, is_checkpoint, "dit-moe checkpoint")   # fail before any loading
     imp = read_source(args.source, convention=args.convention, vae=args.vae, input_size=args.input_size)

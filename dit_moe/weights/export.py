@@ -1,12 +1,14 @@
-"""Export a dense dit-moe checkpoint to diffusers: a DiTTransformer2DModel and, with a VAE, a DiTPipeline folder.
+"""Export a dit-moe checkpoint to diffusers: dense models as a DiTTransformer2DModel and, with a VAE, a DiTPipeline
+folder; MoE models as a DiTMoEPipeline folder (dit_moe/weights/diffusers_moe.py).
 
     dit-moe convert CHECKPOINT --to diffusers --out DIR [--weights ema|model] [--vae VAE] [--transformer-only]
 
 The inverse of the diffusers import (dit_moe/weights/layouts.py): q, k, v split from the fused qkv, one copy of the
-timestep/label embedders per block, the MLP LayerNorm eps as the config's norm_eps. MoE models are refused (one
-dense MLP per diffusers block). diffusers hard-codes the timestep convention ``downscale_freq_shift=1``: a model
-with DiT's convention (model.timestep_freq_shift=0, everything trained here and every DiT file) exports with a
-warning that diffusers computes a slightly different function; a model imported from diffusers round-trips exactly.
+timestep/label embedders per block, the MLP LayerNorm eps as the config's norm_eps. MoE models cannot be a
+DiTTransformer2DModel (one dense MLP per diffusers block): they keep dit-moe's network inside diffusers' ModelMixin.
+diffusers hard-codes the timestep convention ``downscale_freq_shift=1``: a model with DiT's convention
+(model.timestep_freq_shift=0, everything trained here and every DiT file) exports with a warning that diffusers
+computes a slightly different function; a model imported from diffusers round-trips exactly.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ __all__ = ["export_diffusers"]
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
-def _is_diffusers_folder(path: Path) -> bool:
+def _is_diffusers_folder(path: Path) -> bool:  # DiTPipeline or DiTMoEPipeline folders alike
     return (path / "model_index.json").is_file() or (path / "transformer" / "config.json").is_file()
 
 
@@ -43,8 +45,13 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
     model, ckpt = build_from_checkpoint(checkpoint, which=which)
     cfg = ckpt.model_config
     if model.arch.is_moe:
-        raise ConvertError(f"{ckpt.path}: {cfg.name} is an MoE model; diffusers' DiTTransformer2DModel has one dense "
-                           "GELU MLP per block, so only dense models export")
+        # diffusers' DiTTransformer2DModel has one dense MLP per block: MoE models export as a DiTMoEPipeline
+        from .diffusers_moe import PipelineError, export_pipeline
+        try:
+            export_pipeline(ckpt.path, out, which=which, vae=vae, transformer_only=transformer_only)
+        except PipelineError as e:
+            raise ConvertError(str(e)) from None
+        return out
     if cfg.class_dropout_prob <= 0:
         raise ConvertError(f"{ckpt.path}: trained without label dropout (no null class row); diffusers' DiT always has one")
     if cfg.timestep_freq_shift != 1:
