@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .analyze import AnalysisError, analyze_checkpoint, plot_training_curves, read_metrics
+from .analyze import analyze_checkpoint, plot_training_curves, read_metrics
 from .config import ExperimentConfig, SampleConfig
 from .data.builtin import reference_digits
 from .inference import InferenceBundle
@@ -82,16 +82,11 @@ def generate_and_evaluate(bundle: InferenceBundle, out_dir: Path, settings: Samp
                     evaluation=evaluation)
 
 
-def analyze_run(checkpoint: Path, run_dir: Path, *, dense_ok: bool = False, **analysis) -> tuple[Optional[dict], list]:
+def analyze_run(checkpoint: Path, run_dir: Path, *, routing: bool = True, **analysis) -> tuple[Optional[dict], list]:
     """The routing analysis of ``checkpoint`` (``dit_moe.analyze.analyze_checkpoint(checkpoint, **analysis)``) and
-    the training curves of ``run_dir``; returns (analysis.json's content, curve files). ``dense_ok``: a checkpoint
-    the analysis refuses (a dense model has no routers) gives None instead of the AnalysisError."""
-    try:
-        report = analyze_checkpoint(checkpoint, **analysis)
-    except AnalysisError:
-        if not dense_ok:
-            raise
-        report = None
+    the training curves of ``run_dir``; returns (analysis.json's content, curve files). ``routing=False`` (a dense
+    model: no routers) skips the analysis and returns None for it; any analysis error is the caller's to see."""
+    report = analyze_checkpoint(checkpoint, **analysis) if routing else None
     return report, plot_training_curves(run_dir)
 
 

@@ -31,6 +31,7 @@ from ..errors import DitMoeError, TrainingInterrupted
 from ..evaluate import check_extractor, check_reference
 from ..features import digits_classifier
 from ..analyze import read_metrics
+from ..registry import parse_name
 from ..training import run_dir_of, train
 from ..weights.checkpoint import list_checkpoints
 from .config import CALIBRATION_FILE, RESULT_FILE, TIMING_FILE, ArmSpec, EvalSpec, StudyConfig, StudyError, arm_config
@@ -203,9 +204,9 @@ def _train_and_evaluate(study: StudyConfig, arm: ArmSpec, seed: int, cfg: Experi
     accuracy = info["classifier_accuracy"]
 
     with watch.stage("analysis"):
-        report, _ = pipeline.analyze_run(ckpt, run_dir, dense_ok=True, num_per_class=ev.analysis_per_class,
-                                         sampler=sampler, num_steps=steps, cfg_scale=ev.cfg_scale, seed=ev.seed,
-                                         device=device)
+        report, _ = pipeline.analyze_run(ckpt, run_dir, routing=parse_name(cfg.model.name).is_moe,
+                                         num_per_class=ev.analysis_per_class, sampler=sampler, num_steps=steps,
+                                         cfg_scale=ev.cfg_scale, seed=ev.seed, device=device)
         analysis = report["active_experts"] if report is not None else None   # None: a dense model
     timings = watch.timings
 
