@@ -97,7 +97,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = "runs"
-    run_name: Optional[str] = None   # None: derived from the config file name
+    # None: <model name>-<routing.type>, e.g. DiT-T-2-E8K2-dtopp (training/rundir.py); `dit-moe train` sets it to the
+    # config file's name (runs/default for configs/default.yaml) unless --run-name or train.run_name is given
+    run_name: Optional[str] = None
     seed: int = 0
     steps: int = 1000
     global_batch_size: int = 128

@@ -293,14 +293,6 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart)
 
-    def p_sample_step(self, model_output: Tensor, x_t: Tensor, t, noise: Tensor, clip_denoised: bool = False) -> Tensor:
-        """ADM's reverse step x_{t-1} = mean + [t > 0] exp(log_variance / 2) noise. Shapes as p_mean_variance."""
-        t = self._as_timesteps(t, x_t)
-        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
-        # The last step (respaced index 0) returns the mean: no noise is added to the final sample.
-        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
-        return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
-
     # ------------------------------------------------------------------ objective
 
     def vb_terms_bpd(self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:

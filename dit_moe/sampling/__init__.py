@@ -22,7 +22,7 @@ load torch.
 import importlib
 
 _EXPORTS = {
-    "settings": ("SampleConfig", "SamplerSettings", "resolve_settings", "guidance_scale", "objective_for", "SAMPLERS",
+    "settings": ("SampleConfig", "resolve_settings", "guidance_scale", "objective_for", "SAMPLERS",
                  "DDPM_SAMPLERS", "FLOW_SAMPLERS", "ALL_SAMPLERS", "DEFAULT_STEPS"),
     "errors": ("SamplingError", "AnalysisError"),
     "solvers": ("SCHEDULE", "make_scheduler", "scheduler_step_kwargs", "flow_grid", "euler", "heun", "sde", "solve",

@@ -17,14 +17,11 @@ from typing import Callable, Optional
 from ..config import ALL_SAMPLERS, DEFAULT_STEPS, SAMPLERS, SampleConfig, sample_problems
 from .errors import SamplingError
 
-__all__ = ["SamplingError", "SampleConfig", "SamplerSettings", "resolve_settings", "guidance_scale",
+__all__ = ["SamplingError", "SampleConfig", "resolve_settings", "guidance_scale",
            "SAMPLERS", "DDPM_SAMPLERS", "FLOW_SAMPLERS", "ALL_SAMPLERS", "DEFAULT_STEPS", "objective_for"]
 
 DDPM_SAMPLERS = SAMPLERS["ddpm"]
 FLOW_SAMPLERS = SAMPLERS["flow"]
-
-# The name this class had before it was merged with SampleConfig; kept so existing code keeps working.
-SamplerSettings = SampleConfig
 
 
 def objective_for(model, settings: SampleConfig):

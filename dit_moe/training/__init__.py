@@ -86,7 +86,7 @@ TensorBoard receives the scalar entries (lists are logged element-wise as ``key/
 """
 from ..errors import RunLockedError, TrainingDivergedError, TrainingError, TrainingInterrupted
 from .checkpointing import ACCELERATE_DIR, validate_checkpoint
-from .loop import build_objective, diffusion_loss, sample_grid, train
+from .loop import build_objective, diffusion_loss, train, write_ema_grid
 from .metrics import routing_metrics
 from .rundir import LOCK_FILE, RunLock, default_run_name, run_dir_of
 from .setup import EpochSampler, SeededItems, TrainState, ema_decay_at, lr_factor, update_ema
@@ -96,5 +96,5 @@ __all__ = [
     "ACCELERATE_DIR", "EpochSampler", "LOCK_FILE", "RunLock", "RunLockedError", "SeededItems", "StopSignals",
     "TrainState", "TrainingDivergedError", "TrainingError", "TrainingInterrupted", "build_objective",
     "default_run_name", "diffusion_loss", "ema_decay_at", "lr_factor", "routing_metrics", "run_dir_of",
-    "sample_grid", "train", "update_ema", "validate_checkpoint",
+    "train", "update_ema", "validate_checkpoint", "write_ema_grid",
 ]

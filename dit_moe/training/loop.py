@@ -90,7 +90,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
                         meter.check(state.step)                  # nothing is saved after a fault
                         ckpts.save("periodic")
                     if t.sample_every and state.step % t.sample_every == 0 and state.step < t.steps:
-                        sample_grid(cfg, parts, data.info, run.dir, accelerator)
+                        write_ema_grid(cfg, parts, data.info, run.dir, accelerator)
 
                     # ----- stop requests: all ranks agree on the step they stop at
                     signum = agreed_signal(stop, accelerator)
@@ -104,7 +104,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
                 # ----- the end
                 meter.check(state.step)
                 ckpts.save_once("final")
-                sample_grid(cfg, parts, data.info, run.dir, accelerator)
+                write_ema_grid(cfg, parts, data.info, run.dir, accelerator)
                 check_replicas(accelerator, parts, run.dir)
                 logger.info(f"done: {state.step} steps in {time.perf_counter() - logbook.t_start:.1f} s; "
                             f"run folder {run.dir}")
@@ -165,7 +165,7 @@ def train_step(parts: Parts, objective, batches: Iterator, meter: RunningMeans, 
 #                                            EMA sample grid
 # ---------------------------------------------------------------------------------------------------------
 
-def sample_grid(cfg: ExperimentConfig, parts: Parts, info, run_dir: Path, accelerator) -> None:
+def write_ema_grid(cfg: ExperimentConfig, parts: Parts, info, run_dir: Path, accelerator) -> None:
     """EMA samples of up to 10 classes -> samples/step-XXXXXXX.png (main process), RNG-isolated.
 
     The one place training draws samples; dit_moe.sampling.training_grid goes through the inference path.

@@ -39,6 +39,7 @@ LOCK_FILE = "run.lock"
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
+    """The run folder name when ``train.run_name`` is None: ``<model name>-<routing.type>`` ('/' -> '-')."""
     return f"{cfg.model.name.replace('/', '-')}-{cfg.routing.type}"
 
 
