@@ -1,5 +1,6 @@
 """Sampling: schedulers and the DDIM clip pitfall, guidance on an exact synthetic model, ADM loop parity, seeds,
 grids, resumable multi-process bulk sampling with its npz, DTop-p threshold calibration, and CLI errors."""
+import dataclasses
 import json
 import os
 
@@ -153,7 +154,8 @@ def test_ddpm_loop_matches_adm_reference():
         t = torch.full((n,), timesteps[i], dtype=torch.long)
         out = model.forward_with_cfg(x.float(), t, y, 2.0).double()
         noise = torch.stack([torch.randn((1, 4, 4), generator=g) for g in gens]).double() if i > 0 else torch.zeros_like(x)
-        x = diffusion.p_sample_step(out, x, i, noise)
+        step = diffusion.p_mean_variance(out, x, i)            # ADM's reverse step (the last one adds no noise)
+        x = step["mean"] + (i > 0) * torch.exp(0.5 * step["log_variance"]) * noise
     torch.testing.assert_close(ours, x.float(), atol=2e-4, rtol=1e-4)
 
 
@@ -203,8 +205,8 @@ SETTINGS = SampleConfig("ddim", 4, 2.0, clip_denoised=True)
 
 
 def _bulk(model, out, n=20, batch_size=8, settings=SETTINGS, **kw):
-    return sample_to_folder(model, out, settings=settings, num_samples=n, num_classes=10, shape=SHAPE,
-                            decode=load_decoder(DataInfo.from_dict(DATA_INFO)), batch_size=batch_size,
+    return sample_to_folder(model, out, settings=dataclasses.replace(settings, batch_size=batch_size), num_samples=n,
+                            num_classes=10, shape=SHAPE, decode=load_decoder(DataInfo.from_dict(DATA_INFO)),
                             progress=False, **kw)
 
 
@@ -322,8 +324,8 @@ def test_bulk_resume_keeps_samples_and_loses_none(dense, tmp_path):
         return decode(x)
 
     with pytest.raises(KeyboardInterrupt):
-        sample_to_folder(dense, out, settings=SETTINGS, num_samples=20, num_classes=10, shape=SHAPE,
-                         decode=dying_decode, batch_size=4, progress=False)
+        sample_to_folder(dense, out, settings=dataclasses.replace(SETTINGS, batch_size=4), num_samples=20,
+                         num_classes=10, shape=SHAPE, decode=dying_decode, progress=False)
     kept = sorted(os.listdir(out / "images"))
     assert len(kept) == 8 and not (out / "samples.npz").exists()
     stamps = {f: os.stat(out / "images" / f).st_mtime_ns for f in kept}

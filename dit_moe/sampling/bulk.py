@@ -191,9 +191,7 @@ def sample_to_folder(
     num_classes: int,
     shape: tuple[int, int, int],
     decode: Callable[[torch.Tensor], torch.Tensor],
-    seed: int = 0,
     labels: str = "balanced",
-    batch_size: int = 64,
     state=None,
     run_info: Optional[dict] = None,
     extra: Optional[dict] = None,
@@ -202,8 +200,8 @@ def sample_to_folder(
 ) -> dict:
     """Draw ``num_samples`` samples into ``out_dir``, resumably, across processes; returns samples.json's content.
 
-    Process r of W draws the missing indices i with i % W == r, in batches of ``batch_size``; a sample's pixels
-    depend only on (settings, seed, i). Existing PNGs are kept. After a barrier the main process checks that all
+    Process r of W draws the missing indices i with i % W == r, in batches of ``settings.batch_size``; a sample's
+    pixels depend only on (settings, settings.seed, i). Existing PNGs are kept. After a barrier the main process checks that all
     N images exist, writes ``samples.npz`` and ``samples.json``. ``run_info`` (model, checkpoint, VAE, ...)
     joins the settings that must match for a resume; ``extra`` is informational (e.g. the calibration result).
     ``decode`` maps latents (N, C, h, w) to images (N, 3|1, H, W) in [-1, 1]; ``objective`` as in sample_latents.
@@ -212,11 +210,10 @@ def sample_to_folder(
 
     state = state or SingleProcess()
     objective = objective if objective is not None else objective_for(model, settings)
-    settings = resolve_settings(settings, objective, shape[0])
+    settings = resolve_settings(settings, objective, shape[0])      # checks batch_size and seed too
     if num_samples < 1:
         raise SamplingError(f"num_samples={num_samples} must be >= 1")
-    if batch_size < 1:
-        raise SamplingError(f"batch_size={batch_size} must be >= 1")
+    seed, batch_size = settings.seed, settings.batch_size
     out_dir = Path(out_dir)
     all_labels = make_labels(labels, num_samples, num_classes, seed)
     run_settings = {
@@ -389,8 +386,7 @@ def generate(bundle, out_dir: str | Path, settings: Optional[SampleConfig] = Non
         evaluation.check()                 # a bad reference fails before any sample is drawn
     summary = sample_to_folder(
         bundle.model, out_dir, settings=settings, num_samples=num_samples, num_classes=bundle.num_classes,
-        shape=bundle.shape, decode=bundle.decode, seed=settings.seed, labels=labels, batch_size=settings.batch_size,
-        state=state, run_info={**bundle.run_info(), **(run_info or {})}, extra=extra, progress=progress,
+        shape=bundle.shape, decode=bundle.decode, labels=labels, state=state, run_info={**bundle.run_info(), **(run_info or {})}, extra=extra, progress=progress,
         objective=bundle.objective)
     if evaluation is not None and (state is None or state.is_main_process):
         result = evaluate_samples(out_dir, evaluation, summary, bundle.device)
