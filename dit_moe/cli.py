@@ -1,7 +1,8 @@
 """`dit-moe`: the toolkit's one command (dit_moe/__main__.py makes `python -m dit_moe` the same).
 
-Each command's arguments are defined once, by the module that does the job (its ``add_arguments(parser)``), and
-run by that module's ``run(args)``; this file mounts them (``COMMANDS``) and turns a user error into one line
+Each command's arguments are defined once, by the module that does the job (its ``add_arguments(parser)``; a flag
+that several commands take comes from one shared flag group: ``add_device_argument`` here, the sampler flags of
+dit_moe/sampling/flags.py, the metric flags of dit_moe/evaluate/cli.py), and run by that module's ``run(args)``; this file mounts them (``COMMANDS``) and turns a user error into one line
 (``dispatch``). A command module is imported only when its command runs, so ``dit-moe --help`` loads no torch and
 ``dit-moe analyze --run`` never does. ``train.py``, ``sample.py`` and ``python -m dit_moe.<module>`` enter through
 ``run_command``, the same path with the command's own parser.
@@ -18,7 +19,8 @@ from typing import Optional, Sequence
 
 from .errors import DitMoeError, TrainingInterrupted, cli_error
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main", "run_command", "dispatch", "list_models"]
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "run_command", "dispatch", "list_models",
+           "add_device_argument"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _top_parser()
     args = parser.parse_args(argv)
     return dispatch(f"{parser.prog} {args.command}", args.command, args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                        Shared flag groups: a flag several commands take is defined here once
+# ---------------------------------------------------------------------------------------------------------
+# (The sampler flags are sampling/flags.py's, the metric flags evaluate/cli.py's; each is defined once there.)
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device of sample, analyze, demo, evaluate and study: any torch device this machine has, checked once by
+    ``dit_moe.inference.resolve_device`` before any work (one line naming the value, exit code 2)."""
+    p.add_argument("--device", help="torch device: cpu, cuda, cuda:1, ... (default: CUDA when available; under "
+                                    "accelerate launch each process's own)")
 
 
 # ---------------------------------------------------------------------------------------------------------
