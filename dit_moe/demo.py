@@ -51,7 +51,8 @@ def run_demo(config: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
     and ``vae`` as in ``dit_moe.inference.load``.
     """
     from . import analyze, inference, sampling
-    from .config import load_config, sample_problems
+    from .config import load_config
+    from .validation import sample_problems
     from .training import train
 
     timings = {}

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dit_moe.checkpoint import build_from_checkpoint, load_weights, save_checkpoint
-from dit_moe.config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, validate
+from dit_moe.config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig
+from dit_moe.validation import validate
 from dit_moe.init_from import load_init_weights
 from dit_moe.models.moe import build_controller, build_moe_mlp, moe_layers, routing_step
 from dit_moe.models.routers import DTopPRouter, ThresholdController, TopKRouter, TopPRouter

@@ -15,8 +15,9 @@ from PIL import Image
 
 import train as train_cli
 from dit_moe.checkpoint import CheckpointError
-from dit_moe.config import ConfigError, ExperimentConfig, load_config, validate
+from dit_moe.config import ConfigError, ExperimentConfig, load_config
 from dit_moe.errors import DataError, DitMoeError, EvaluationError, InputNotFoundError, TrainingError, one_line
+from dit_moe.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = str(REPO / "configs" / "default.yaml")

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from dit_moe.config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, validate
+from dit_moe.config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig
+from dit_moe.validation import validate
 from dit_moe.models.default_moe import DefaultVectors
 from dit_moe.models.moe import ExpertBank, MoEMLP, build_moe_mlp, moe_layers, routing_step
 from dit_moe.models.routers import ExpertChoiceRouter, expert_capacity

@@ -143,7 +143,7 @@ class GaussianDiffusion:
             raise ValueError(f"GaussianDiffusion: beta_schedule={beta_schedule!r} not in {_BETA_SCHEDULES}")
         if num_timesteps < 2:
             raise ValueError(f"GaussianDiffusion: num_timesteps={num_timesteps} must be >= 2")
-        from diffusers import DDPMScheduler  # heavy import, only needed here
+        from diffusers import DDPMScheduler  # not at the top: diffusers takes seconds to import; flow never needs it
 
         scheduler = DDPMScheduler(
             num_train_timesteps=num_timesteps,

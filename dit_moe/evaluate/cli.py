@@ -9,11 +9,11 @@ import json
 import math
 import os
 
-from . import __doc__ as package_doc
 from ..checks import check_at_least, check_output_file
 from ..cli import add_device_argument, run_command
 from ..errors import EvaluationError, InputNotFoundError
 from ..inference import resolve_device
+from . import __doc__ as package_doc
 from .extraction import DEFAULT_EXTRACTOR
 from .metrics import METRICS, compute_metrics, write_metrics_json
 

@@ -8,7 +8,8 @@ import argparse
 import dataclasses
 
 from ..cli import add_device_argument
-from ..config import ALL_SAMPLERS, SampleConfig, sample_problems
+from ..config import ALL_SAMPLERS, SampleConfig
+from ..validation import sample_problems
 from .errors import SamplingError
 from .settings import resolve_settings
 

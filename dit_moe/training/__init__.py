@@ -37,7 +37,7 @@ N + resume + N give bit-identical parameters, EMA and router state (tests/test_t
 changed optimisation settings (a new train.lr takes effect) and warns when the schedule changes (resume.py).
 
 Faults.
-* Bad input: the whole config is validated first (``dit_moe.config.validate``), then the data against the model;
+* Bad input: the whole config is validated first (``dit_moe.validation.validate``), then the data against the model;
   a problem raises before the run folder is created.
 * Non-finite loss: the per-step losses are summed on the device (no host sync per step); the sum is all-reduced
   and checked on every logging step and before every checkpoint. A NaN/inf anywhere since the last check
