@@ -6,11 +6,10 @@ No torch import (``dit-moe analyze --run`` stays torch-free).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["check_at_least", "check_positive", "check_output_file", "check_output_dir", "check_input_path"]
+__all__ = ["check_at_least", "check_positive", "check_output_file", "check_output_dir"]
 
 
 def check_at_least(flag: str, value, low, error: type[Exception]) -> None:
@@ -59,12 +58,3 @@ def check_output_dir(flag: str, path, error: type[Exception]) -> None:
     if parent is not None and not parent.is_dir():
         raise error(f"{flag} {path}: {parent} is a file, not a folder")
 
-
-def check_input_path(flag: str, path, error: type[Exception], kind: str = "file") -> None:
-    """``path`` (when given) exists: a file (``kind="file"``), a folder (``"folder"``) or either (``"any"``)."""
-    if path is None:
-        return
-    ok = {"file": os.path.isfile, "folder": os.path.isdir, "any": os.path.exists}[kind](path)
-    if not ok:
-        what = {"file": "file", "folder": "folder", "any": "path"}[kind]
-        raise error(f"{flag} {path}: no such {what}")

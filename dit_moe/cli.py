@@ -1,10 +1,13 @@
 """`dit-moe`: the toolkit's one command (dit_moe/__main__.py makes `python -m dit_moe` the same).
 
-Each command's arguments are defined once, by the module that does the job (its ``add_arguments(parser)``), and
-run by that module's ``run(args)``; this file mounts them (``COMMANDS``) and turns a user error into one line
-(``dispatch``). A command module is imported only when its command runs, so ``dit-moe --help`` loads no torch and
-``dit-moe analyze --run`` never does. ``train.py``, ``sample.py`` and ``python -m dit_moe.<module>`` enter through
-``run_command``, the same path with the command's own parser.
+Each command's arguments are defined once, by the module that does the job (its ``add_arguments(parser)``; a flag
+that several commands take comes from one shared flag group: ``add_device_argument`` here, the sampler flags of
+dit_moe/sampling/flags.py, the metric flags of dit_moe/evaluate/cli.py), and run by that module's ``run(args)``;
+this file mounts them (``COMMANDS``) and turns a user error into one line (``dispatch``). A command module is
+imported only when its command runs (``importlib.import_module`` in ``_mount`` and ``_run``: the one place where
+imports wait, for start-up time), so ``dit-moe --help`` loads no torch and ``dit-moe analyze --run`` never does.
+``train.py``, ``sample.py`` and ``python -m dit_moe.<module>`` enter through ``run_command``, the same path with the
+command's own parser.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Optional, Sequence
 
 from .errors import DitMoeError, TrainingInterrupted, cli_error
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main", "run_command", "dispatch", "list_models"]
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "run_command", "dispatch", "add_device_argument"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ COMMANDS = {
     "extract": Command("dit_moe.extract", "encode an image folder into VAE latent shards"),
     "study": Command("dit_moe.study.cli", "the routing study: arms x seeds, trained and compared"),
     "demo": Command("dit_moe.demo", "the whole pipeline on the embedded digits (make demo)", True),
-    "models": Command("dit_moe.cli", "registry names with parameters and GFLOPs per image",
+    "models": Command("dit_moe.registry", "registry names with parameters and GFLOPs per image",
                       add_arguments="add_models_arguments", run="run_models"),
     "convert": Command("dit_moe.weights.convert", "import DiT / diffusers weights; export to diffusers"),
     "upcycle": Command("dit_moe.weights.upcycle", "turn a dense checkpoint into an MoE (experts = its MLP)", True),
@@ -90,8 +94,6 @@ def _top_parser(prog: str = "dit-moe") -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("dit-moe")
     except PackageNotFoundError:
@@ -173,39 +175,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-#                                   dit-moe models: the registry listing
+#                        Shared flag groups: a flag several commands take is defined here once
 # ---------------------------------------------------------------------------------------------------------
+# (The sampler flags are sampling/flags.py's, the metric flags evaluate/cli.py's; each is defined once there.)
 
-def list_models(input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> list[dict]:
-    """``registry.count_params`` of every registry name for latents of this shape."""
-    from .config import ModelConfig, RoutingConfig
-    from .registry import count_params, model_names
-
-    rows = []
-    for name in model_names():
-        cfg = ModelConfig(name=name, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
-        rows.append(count_params(cfg, RoutingConfig()))
-    return rows
-
-
-def add_models_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256px ImageNet through the SD VAE)")
-    p.add_argument("--in-channels", type=int, default=4)
-    p.add_argument("--num-classes", type=int, default=1000)
-
-
-def run_models(args: argparse.Namespace) -> int:
-    from .checks import check_at_least
-    from .config import ConfigError
-
-    for flag, value in (("--input-size", args.input_size), ("--in-channels", args.in_channels),
-                        ("--num-classes", args.num_classes)):
-        check_at_least(flag, value, 1, ConfigError)
-    print(f"{'name':<18}{'params (M)':>12}{'active (M)':>12}{'GFLOPs':>10}")
-    for r in list_models(args.input_size, args.in_channels, args.num_classes):
-        print(f"{r['name']:<18}{r['total_params'] / 1e6:>12.1f}{r['active_params'] / 1e6:>12.1f}{r['gflops']:>10.2f}")
-    print(f"\nlatent {args.input_size}x{args.input_size}x{args.in_channels}, {args.num_classes} classes; "
-          "MoE names: -E<experts>K<active> (experts: GELU MLPs of width 4D unless model.expert_kind/expert_hidden_ratio "
-          "say otherwise); active = K routed experts per MoE layer; GFLOPs are multiply-accumulates per image, "
-          "the unit of the DiT paper.")
-    return 0
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device of sample, analyze, demo, evaluate and study: any torch device this machine has, checked once by
+    ``dit_moe.inference.resolve_device`` before any work (one line naming the value, exit code 2)."""
+    p.add_argument("--device", help="torch device: cpu, cuda, cuda:1, ... (default: CUDA when available; under "
+                                    "accelerate launch each process's own)")

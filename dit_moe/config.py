@@ -5,7 +5,8 @@ and overridden from the command line with dotted keys (``train.lr=2e-4``). Every
 dataclass fields: an unknown key or a value of the wrong type is a ``ConfigError`` that names the key and
 lists the valid ones, so a typo never silently falls back to a default. Ranges and rules between sections
 (a flow model has no learned sigma; a sampler must belong to the objective; routing against the model's experts)
-are checked in ONE pass, ``validate``, which ``load_config`` and the trainer run before any work is done.
+are checked in ONE pass, ``validate`` (dit_moe/validation.py), which ``load_config`` and the trainer run before any
+work is done.
 """
 from __future__ import annotations
 
@@ -97,7 +98,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = "runs"
-    run_name: Optional[str] = None   # None: derived from the config file name
+    # None: <model name>-<routing.type>, e.g. DiT-T-2-E8K2-dtopp (training/rundir.py); `dit-moe train` sets it to the
+    # config file's name (runs/default for configs/default.yaml) unless --run-name or train.run_name is given
+    run_name: Optional[str] = None
     seed: int = 0
     steps: int = 1000
     global_batch_size: int = 128
@@ -430,27 +433,42 @@ def find_config(value: str | Path, error: type[Exception] = None) -> Path:
     raise error(f"config file not found: {value} (shipped configs, usable by name: {', '.join(shipped_configs())})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment config -- a path or a shipped config's name (``find_config``), or the defaults when
-    ``path`` is None -- and apply dotted overrides."""
+    ``path`` is None -- and apply dotted overrides, checking keys, types and choices; not yet the validation pass
+    (dit_moe/validation.py: ``load_config`` runs it, and ``dit-moe train`` leaves it to the trainer, which knows the
+    number of processes)."""
+    return _read(path, overrides)[0]
+
+
+def _read(path, overrides) -> tuple[ExperimentConfig, str]:
+    """``read_config``, and how messages name the config (its file, or ``defaults``)."""
     d: dict = {}
     if path is not None:
         path = find_config(path)
         d = read_yaml(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(d).__name__}")
+    where = str(path) if path is not None else "defaults"
     d = apply_overrides(d, overrides or [])
     try:
-        cfg = ExperimentConfig.from_dict(d)
+        return ExperimentConfig.from_dict(d), where
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """``read_config``, then the validation pass: a config ready for any use."""
+    from .validation import validate   # validation.py imports this module's sections: this import must wait
+
+    cfg, where = _read(path, overrides)
+    try:
         validate(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'defaults'}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-
-# The validation pass lives in its own module; it is re-exported here because every caller reads configs from here.
-from .validation import sample_problems, validate  # noqa: E402  (validation imports the sections above)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from . import inference, pipeline, sampling
 from .cli import run_command
-from .config import load_config, sample_problems
+from .config import load_config
+from .validation import sample_problems
 from .sampling.flags import add_checkpoint_arguments, add_sampler_arguments, flag_overrides
 
 DEFAULT_CONFIG = "default"            # the shipped configs/default.yaml (dit_moe.config.find_config)

@@ -27,11 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from diffusers.models import AutoencoderKL
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from .cli import run_command
 from .data.latents import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 from .errors import DataError, InputNotFoundError
 
@@ -163,8 +168,6 @@ def encode_pair(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_vae(vae: str, device: torch.device | str = "cpu"):
-    from diffusers.models import AutoencoderKL
-
     try:
         model = AutoencoderKL.from_pretrained(vae)
     except OSError as e:   # diffusers/huggingface_hub: no such folder or hub id, offline, missing files
@@ -260,10 +263,6 @@ def extract_latents(
     limit: at most this many images per process in this call (the run is then left incomplete, to be
     resumed). accelerator: an `accelerate.Accelerator` (default: a new one, which reads the launch config).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
     if image_size <= 0 or image_size % 8:
         raise DataError(f"image_size must be a positive multiple of 8, got {image_size}")
     if batch_size <= 0 or shard_size <= 0:
@@ -433,8 +432,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-
     return run_command("extract", argv, prog="python -m dit_moe.extract", label="extract")
 
 

@@ -89,7 +89,7 @@ class DigitsCNN(nn.Module):
 
 def load_digits_arrays():
     """sklearn's digits as (images (N, 1, 8, 8) float32 in [-1, 1], labels (N,) int64). Ships with sklearn."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits   # not at the top: scikit-learn takes most of a second to import
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / DIGITS_MAX * 2.0 - 1.0

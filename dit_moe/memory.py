@@ -19,14 +19,14 @@ from typing import Union
 
 import torch
 
+from .registry import build_model
+
 BYTES = {"params": 4, "grads": 4, "adamw": 8, "ema": 4}      # per parameter element, fp32 (see above)
 GIB = 2 ** 30
 
 
 def _shapes(spec, routing=None, **overrides):
     """(all parameter shapes, shapes of the largest DiT block, shapes of the root unit) of the model on meta."""
-    from .registry import build_model
-
     with torch.device("meta"):
         model = build_model(spec, routing, **overrides)
     in_blocks = {id(p) for p in model.blocks.parameters()}

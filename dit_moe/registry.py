@@ -7,6 +7,7 @@ come from the ``routing`` config section, the data shape from the ``model`` sect
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ from typing import Optional, Union
 
 import torch
 
+from .checks import check_at_least
 from .config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig
-from .models.dit import DiT
+from .models import moe
+from .models.dit import DiT, dense_mlp
 
 # depth, hidden size, heads (DiT paper, Table 1); T is ours for CPU tests and the embedded demo.
 SIZES = {
@@ -105,14 +108,11 @@ def build_model(spec: Union[str, ModelConfig, ExperimentConfig], routing: Option
     mlp_factory = None
     controller = None
     if arch.is_moe:
-        from .models import moe
-
         moe_layers = [i for i in range(arch.depth) if i % model_cfg.moe_every == model_cfg.moe_every - 1]
         controller = moe.build_controller(routing_cfg, arch.num_experts, arch.top_k, len(moe_layers))
 
         def mlp_factory(i: int):
             if i not in moe_layers:
-                from .models.dit import dense_mlp
                 return dense_mlp(arch.hidden_size)
             return moe.build_moe_mlp(arch.hidden_size, moe_layers.index(i), arch.num_experts, arch.top_k,
                                      model_cfg, routing_cfg, controller)
@@ -172,18 +172,52 @@ def count_params(spec: Union[str, ModelConfig, ExperimentConfig], routing: Optio
 
     # Multiply-accumulates of one forward pass on one image.
     attn = tokens * 4 * D * D + 2 * tokens * tokens * D
-    dense_mlp = tokens * 2 * D * 4 * D
+    dense_mlp_macs = tokens * 2 * D * 4 * D
     if arch.is_moe:
         h = int(cfg.expert_hidden_ratio * D)
         per_expert = (3 if cfg.expert_kind == "swiglu" else 2) * D * h
         shared = cfg.num_shared_experts * 3 * D * int(cfg.shared_hidden_ratio * D)
         moe_mlp = tokens * (D * arch.num_experts + arch.top_k * per_expert + shared)
     else:
-        moe_mlp = dense_mlp
-    blocks = depth * (attn + 6 * D * D) + n_moe * (moe_mlp - dense_mlp)
+        moe_mlp = dense_mlp_macs
+    blocks = depth * (attn + 6 * D * D) + n_moe * (moe_mlp - dense_mlp_macs)
     patch = arch.patch_size
     embed = tokens * cfg.in_channels * patch * patch * D + 256 * D + D * D
     final = 2 * D * D + tokens * D * patch * patch * model.out_channels
-    dense_part = depth * dense_mlp
+    dense_part = depth * dense_mlp_macs
     gmacs = (blocks + dense_part + embed + final) / 1e9
     return {"name": arch.name, "total_params": total, "active_params": active, "gflops": gmacs}
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   dit-moe models: the registry listing
+# ---------------------------------------------------------------------------------------------------------
+
+def list_models(input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> list[dict]:
+    """``registry.count_params`` of every registry name for latents of this shape."""
+    rows = []
+    for name in model_names():
+        cfg = ModelConfig(name=name, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+        rows.append(count_params(cfg, RoutingConfig()))
+    return rows
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256px ImageNet through the SD VAE)")
+    p.add_argument("--in-channels", type=int, default=4)
+    p.add_argument("--num-classes", type=int, default=1000)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    for flag, value in (("--input-size", args.input_size), ("--in-channels", args.in_channels),
+                        ("--num-classes", args.num_classes)):
+        check_at_least(flag, value, 1, ConfigError)
+    print(f"{'name':<18}{'params (M)':>12}{'active (M)':>12}{'GFLOPs':>10}")
+    for r in list_models(args.input_size, args.in_channels, args.num_classes):
+        print(f"{r['name']:<18}{r['total_params'] / 1e6:>12.1f}{r['active_params'] / 1e6:>12.1f}{r['gflops']:>10.2f}")
+    print(f"\nlatent {args.input_size}x{args.input_size}x{args.in_channels}, {args.num_classes} classes; "
+          "MoE names: -E<experts>K<active> (experts: GELU MLPs of width 4D unless "
+          "model.expert_kind/expert_hidden_ratio "
+          "say otherwise); active = K routed experts per MoE layer; GFLOPs are multiply-accumulates per image, "
+          "the unit of the DiT paper.")
+    return 0

@@ -10,9 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 from typing import Optional
 
 from .config import ALL_SAMPLERS, SAMPLERS, ConfigError, ExperimentConfig, SampleConfig
+
+
+def objective_problem(objective: str, learn_sigma: bool) -> Optional[str]:
+    """What is wrong with a model of ``learn_sigma`` trained with ``objective`` (None: nothing); the one statement
+    of this rule, checked by ``validate`` and by ``dit_moe.diffusion.build_objective`` (a checkpoint's config)."""
+    if objective == "flow" and learn_sigma:
+        return ("diffusion.objective=flow needs model.learn_sigma=false (a flow model predicts a velocity with C "
+                "output channels; there is no variance to learn)")
+    return None
+
 
 def sample_problems(s: SampleConfig, objective: Optional[str], in_channels: Optional[int] = None,
                     name=lambda field: field) -> list[str]:
@@ -64,10 +76,7 @@ def sample_problems(s: SampleConfig, objective: Optional[str], in_channels: Opti
 def compile_problem() -> Optional[str]:
     """Why torch.compile cannot run here (None if it can): inductor needs a C++ compiler for CPU code. Checked
     before any work, so a missing compiler is one line, not a traceback at the first step."""
-    import os
-    import shutil
-
-    import torch
+    import torch   # not at the top: the command-line flag modules import this module, and --help loads no torch
 
     if torch.cuda.is_available():
         return None
@@ -110,7 +119,7 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
     # ----- model
     arch = None
     try:
-        from .registry import parse_name  # lazy: the registry imports torch
+        from .registry import parse_name  # not at the top: the registry imports torch (see compile_problem)
 
         arch = parse_name(m.name)
     except ConfigError as e:
@@ -209,9 +218,8 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
 
     # ----- diffusion and sample
     g = cfg.diffusion
-    if g.objective == "flow" and m.learn_sigma:
-        bad("diffusion.objective=flow needs model.learn_sigma=false (a flow model predicts a velocity with C output "
-            "channels; there is no variance to learn)")
+    if objective_problem(g.objective, m.learn_sigma):
+        bad(objective_problem(g.objective, m.learn_sigma))
     check("diffusion.time_shift", g.time_shift > 0, "must be > 0 (1 = no shift)")
     check("diffusion.t_std", g.t_std > 0, "must be > 0")
     if g.objective != "flow":

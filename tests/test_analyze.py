@@ -11,13 +11,13 @@ import torch
 
 from dit_moe.analyze import (AnalysisError, analyze_checkpoint, default_out_dir, main,
                              plot_training_curves, read_metrics)
-from dit_moe.weights.checkpoint import CheckpointError, save_checkpoint
 from dit_moe.config import RoutingConfig
 from dit_moe.data import DataInfo
 from dit_moe.models import moe
-from dit_moe.registry import build_model
 from dit_moe.models.routing_tap import RoutingTap
-from dit_moe.sampling import SamplerSettings, make_generators, sample_latents
+from dit_moe.registry import build_model
+from dit_moe.sampling import SampleConfig, make_generators, sample_latents
+from dit_moe.weights.checkpoint import CheckpointError, save_checkpoint
 
 CLASSES = [0, 3, 7]
 PER_CLASS = 2
@@ -116,7 +116,7 @@ def test_trajectory_numbers_match_sampling_meter(dtopp_run):
     analysis' per-call records."""
     _, report, model = dtopp_run
     labels = torch.tensor([c for c in CLASSES for _ in range(PER_CLASS)])
-    settings = SamplerSettings(sampler="ddpm", steps=STEPS, cfg_scale=1.5)
+    settings = SampleConfig(sampler="ddpm", steps=STEPS, cfg_scale=1.5)
     with RoutingTap(model) as tap:
         sample_latents(model, labels, make_generators(0, range(len(labels))), settings, (1, 8, 8))
     ref = tap.report()

@@ -4,13 +4,14 @@ import json
 import pytest
 import torch
 
-from dit_moe.weights.build import build_from_checkpoint, load_weights
-from dit_moe.weights.checkpoint import save_checkpoint
-from dit_moe.config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, validate
-from dit_moe.weights.init_from import load_init_weights
+from dit_moe.config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig
 from dit_moe.models.moe import build_controller, build_moe_mlp, moe_layers, routing_step
 from dit_moe.models.routers import DTopPRouter, ThresholdController, TopKRouter, TopPRouter
 from dit_moe.registry import build_model
+from dit_moe.validation import validate
+from dit_moe.weights.build import build_from_checkpoint, load_weights
+from dit_moe.weights.checkpoint import save_checkpoint
+from dit_moe.weights.init_from import load_init_weights
 
 D, E = 16, 6
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from dit_moe.weights.build import build_from_checkpoint, load_weights
-from dit_moe.weights.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from dit_moe.config import ExperimentConfig
 from dit_moe.registry import build_model
+from dit_moe.weights.build import build_from_checkpoint, load_weights
+from dit_moe.weights.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
 def tiny(name="DiT-T/2", seed=0):

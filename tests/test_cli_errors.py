@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 import train as train_cli
-from dit_moe.weights.checkpoint import CheckpointError
-from dit_moe.config import ConfigError, ExperimentConfig, load_config, validate
+from dit_moe.config import ConfigError, ExperimentConfig, load_config
 from dit_moe.errors import DataError, DitMoeError, EvaluationError, InputNotFoundError, TrainingError, one_line
+from dit_moe.validation import validate
+from dit_moe.weights.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = str(REPO / "configs" / "default.yaml")

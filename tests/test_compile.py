@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dit_moe.weights.checkpoint import list_checkpoints
-from dit_moe.config import ConfigError, RoutingConfig, validate
+from dit_moe.config import ConfigError, RoutingConfig
 from dit_moe.models.compile import compile_blocks, graph_breaks, is_compiled
 from dit_moe.models.moe import collect_aux_loss, moe_layers, routing_step
 from dit_moe.registry import build_model
 from dit_moe.training import TrainingInterrupted, train
+from dit_moe.validation import validate
+from dit_moe.weights.checkpoint import list_checkpoints
 
 from test_training import patch_losses, read_metrics, tiny
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from dit_moe.registry import build_model
 from dit_moe.weights.build import build_from_checkpoint
 from dit_moe.weights.checkpoint import load_checkpoint, save_checkpoint
 from dit_moe.weights.convert import main
-from dit_moe.registry import build_model
 
 TOL = 1e-10
 NUM_CLASSES = 10
@@ -389,7 +389,7 @@ def test_ddpm_matches_dit_pipeline(converted_pipeline):
     from diffusers import DDPMScheduler, DiTPipeline
 
     from dit_moe.data import DataInfo, load_decoder
-    from dit_moe.sampling import SamplerSettings, make_generators, sample_latents
+    from dit_moe.sampling import SampleConfig, make_generators, sample_latents
 
     root, _ = converted_pipeline
     model, ckpt = build_from_checkpoint(root / "ckpt")
@@ -422,7 +422,7 @@ def test_ddpm_matches_dit_pipeline(converted_pipeline):
             return self.m.forward_with_cfg(x, t, y, cfg_scale, guidance_channels)[:, :self.m.in_channels]
 
     decode = load_decoder(DataInfo.from_dict(ckpt.data_info))
-    settings = SamplerSettings("ddpm", steps, 1.5, guidance_channels=None)
+    settings = SampleConfig("ddpm", steps, 1.5, guidance_channels=None)
     ours = decode(sample_latents(EpsOnly(model), torch.tensor(labels), make_generators(seed, idx), settings, (4, 8, 8)))
     ours = (ours / 2 + 0.5).clamp(0, 1)
     assert (ours - theirs).abs().max().item() <= 1e-5           # measured 2.4e-7: float32 rounding

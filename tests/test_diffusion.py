@@ -46,6 +46,11 @@ def _ddpm_scheduler(float64_tables=False):
     return s
 
 
+def reverse_step(out, index, noise):
+    """ADM's reverse step from p_mean_variance's output: x_{t-1} = mean + [index > 0] exp(log_variance / 2) noise
+    (the last step, respaced index 0, returns the mean)."""
+    return out["mean"] + (index > 0) * torch.exp(0.5 * out["log_variance"]) * noise
+
 # ----------------------------------------------------------------------------- Gaussian helpers
 
 def test_normal_kl_matches_torch_distributions():
@@ -314,8 +319,8 @@ def test_diffusers_ddpm_step_matches_adm_reference_step(spaced250, float64_table
         # diffusers draws its variance noise as torch.randn(sample shape, generator=...) on the CPU.
         ref = scheduler.step(model_output, timestep, xt, generator=_gen(100 + position))
         variance_noise = torch.randn(n, c, 8, 8, generator=_gen(100 + position))
-        ours = spaced250.p_sample_step(model_output, xt, index, variance_noise)
-        pred_xstart = spaced250.p_mean_variance(model_output, xt, index)["pred_xstart"]
+        out = spaced250.p_mean_variance(model_output, xt, index)
+        ours, pred_xstart = reverse_step(out, index, variance_noise), out["pred_xstart"]
         torch.testing.assert_close(ours, ref.prev_sample, rtol=0, atol=tol, msg=f"x_prev at t={timestep}")
         # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) cancels digits at large t: compare on its own scale.
         torch.testing.assert_close(pred_xstart, ref.pred_original_sample, rtol=1e-5,
@@ -337,6 +342,7 @@ def test_full_250_step_chain_matches_diffusers(spaced250):
     for position, timestep in enumerate(scheduler.timesteps.tolist()):
         a = scheduler.step(model(a, timestep), timestep, a, generator=ga).prev_sample
         noise = torch.randn(b.shape, generator=gb) if timestep > 0 else torch.zeros_like(b)
-        b = spaced250.p_sample_step(model(b, timestep), b, spaced250.num_timesteps - 1 - position, noise)
+        index = spaced250.num_timesteps - 1 - position
+        b = reverse_step(spaced250.p_mean_variance(model(b, timestep), b, index), index, noise)
     assert abs(b.std().item() - 0.5) < 0.05
     assert (a - b).abs().max() < 1e-4

@@ -5,13 +5,14 @@ import copy
 import pytest
 import torch
 
-from dit_moe.config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig, validate
+from dit_moe.config import ConfigError, ExperimentConfig, ModelConfig, RoutingConfig
 from dit_moe.models.default_moe import DefaultVectors
 from dit_moe.models.moe import ExpertBank, MoEMLP, build_moe_mlp, moe_layers, routing_step
 from dit_moe.models.routers import ExpertChoiceRouter, expert_capacity
 from dit_moe.models.routing_tap import RoutingTap
 from dit_moe.registry import build_model
-from dit_moe.sampling import SamplerSettings, make_generators, sample_latents
+from dit_moe.sampling import SampleConfig, make_generators, sample_latents
+from dit_moe.validation import validate
 
 D, E, K = 12, 6, 2
 
@@ -124,7 +125,7 @@ def test_unrouted_tokens_get_zero_and_are_counted():
 
 
 def _sample(model, labels, batch_size):
-    settings = SamplerSettings("ddim", 3, 2.0)
+    settings = SampleConfig("ddim", 3, 2.0)
     out = []
     for b in range(0, len(labels), batch_size):
         idx = list(range(b, min(b + batch_size, len(labels))))
@@ -149,7 +150,7 @@ def _routing(model, labels, batch_size):
         for b in range(0, len(labels), batch_size):
             tap.reset()
             idx = list(range(b, min(b + batch_size, len(labels))))
-            sample_latents(model, labels[idx], make_generators(0, idx), SamplerSettings("ddim", 3, 2.0), (1, 8, 8))
+            sample_latents(model, labels[idx], make_generators(0, idx), SampleConfig("ddim", 3, 2.0), (1, 8, 8))
             B = len(idx)
             per_batch.append(torch.stack([torch.stack([torch.stack([c["active"][:B], c["active"][B:]], 1)
                                                        for c in calls]) for calls in tap.records]))
@@ -164,7 +165,7 @@ def test_per_sample_pool_samples_do_not_depend_on_batch_size_or_composition():
     assert torch.equal(_routing(model, labels, 1), _routing(model, labels, 5))
     one, full = _sample(model, labels, 1), _sample(model, labels, 5)
     torch.testing.assert_close(one, full, rtol=0, atol=1e-3)
-    settings = SamplerSettings("ddim", 3, 2.0)                 # sample 0 (its label and seed) with other batch mates
+    settings = SampleConfig("ddim", 3, 2.0)                 # sample 0 (its label and seed) with other batch mates
     mates = sample_latents(model, labels[[0, 3, 4]], make_generators(0, [0, 3, 4]), settings, (1, 8, 8))
     torch.testing.assert_close(mates[0], full[0], rtol=0, atol=1e-3)
     # A batch-pooled model routes and samples differently at another batch size (the documented caveat) ...

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from dit_moe import inference, sampling
-from dit_moe.weights.checkpoint import save_checkpoint
 from dit_moe.config import DiffusionConfig, ExperimentConfig, ModelConfig, SampleConfig
 from dit_moe.data import DataInfo
 from dit_moe.diffusion import DDPMObjective, RectifiedFlow
 from dit_moe.registry import build_model
-from dit_moe.sampling import (SamplerSettings, main, make_generators, num_model_calls, resolve_settings,
+from dit_moe.weights.checkpoint import save_checkpoint
+from dit_moe.sampling import (main, make_generators, num_model_calls, resolve_settings,
                               sample_latents)
 
 SHAPE = (1, 8, 8)
@@ -145,7 +145,7 @@ def test_old_ddpm_checkpoint_samples_as_before(old_ddpm_ckpt, key):
     assert isinstance(bundle.objective, DDPMObjective) and bundle.objective.learn_sigma
     assert (bundle.defaults.sampler, bundle.defaults.steps, bundle.defaults.clip_denoised) == ("ddim", 5, False)
     sampler, steps, cfg = key
-    settings = SamplerSettings(sampler, steps, cfg)
+    settings = SampleConfig(sampler, steps, cfg)
     y = torch.tensor([0, 3, 7])
     ours = sample_latents(bundle.model, y, make_generators(5, range(3)), settings, SHAPE, objective=bundle.objective)
     # ... identical to an explicit DDPM objective and to a bare model (the call the trainer makes today) ...

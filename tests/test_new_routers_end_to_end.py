@@ -7,11 +7,11 @@ import torch
 
 from dit_moe import study
 from dit_moe.analyze import analyze_checkpoint
-from dit_moe.weights.build import build_from_checkpoint
-from dit_moe.weights.checkpoint import list_checkpoints
 from dit_moe.config import load_config
 from dit_moe.models.moe import moe_layers
 from dit_moe.training import train
+from dit_moe.weights.build import build_from_checkpoint
+from dit_moe.weights.checkpoint import list_checkpoints
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,6 @@
 """Faults that used to give a silently wrong result or a traceback (disk full, non-finite weights, live readers,
 hand-edited checkpoints, config edge cases, evaluate's KID subset): each is now refused or survived, in one line."""
+import dataclasses
 import os
 from pathlib import Path
 
@@ -274,8 +275,8 @@ def test_statistics_of_a_resumed_bulk_run_count_every_image_once(tmp_path, monke
     model = _randomise(build_model("DiT-T/2-E4K2", RoutingConfig(type=routing), input_size=8, in_channels=1,
                                    num_classes=10))
     decode = load_decoder(DataInfo.from_dict(DATA_INFO))
-    run = lambda out: sample_to_folder(model, out, settings=SETTINGS, num_samples=12, num_classes=10, shape=SHAPE,
-                                       decode=decode, batch_size=4, progress=False)
+    run = lambda out: sample_to_folder(model, out, settings=dataclasses.replace(SETTINGS, batch_size=4),
+                                       num_samples=12, num_classes=10, shape=SHAPE, decode=decode, progress=False)
     fresh = run(tmp_path / "fresh")
 
     class Killed(BaseException):

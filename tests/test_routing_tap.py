@@ -8,10 +8,10 @@ import torch
 
 from dit_moe.config import RoutingConfig
 from dit_moe.models import moe
+from dit_moe.models.routers.base import Router
 from dit_moe.models.routing_tap import METRICS, RoutingTap, stats_from_sums, sum_slices, token_stats
 from dit_moe.registry import build_model
-from dit_moe.models.routers.base import Router
-from dit_moe.sampling import SamplerSettings, make_generators, sample_latents
+from dit_moe.sampling import SampleConfig, make_generators, sample_latents
 from dit_moe.study.probe import probe_routing
 
 LABELS = torch.tensor([0, 3, 7, 7])
@@ -76,7 +76,7 @@ def tiny(routing="dtopp", seed=0, **kw):
 
 
 def _sample(model, callback=None, steps=4, cfg=2.0, sampler="ddim"):
-    return sample_latents(model, LABELS, make_generators(0, range(len(LABELS))), SamplerSettings(sampler, steps, cfg),
+    return sample_latents(model, LABELS, make_generators(0, range(len(LABELS))), SampleConfig(sampler, steps, cfg),
                           (1, 8, 8), callback=callback)
 
 

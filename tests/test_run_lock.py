@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from dit_moe.weights.checkpoint import list_checkpoints
 from dit_moe.config import load_config, save_config
 from dit_moe.errors import RunLockedError, TrainingError
 from dit_moe.training import LOCK_FILE, RunLock, train
 from dit_moe.training.checkpointing import is_intact
+from dit_moe.weights.checkpoint import list_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",

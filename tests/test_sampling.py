@@ -1,5 +1,6 @@
 """Sampling: schedulers and the DDIM clip pitfall, guidance on an exact synthetic model, ADM loop parity, seeds,
 grids, resumable multi-process bulk sampling with its npz, DTop-p threshold calibration, and CLI errors."""
+import dataclasses
 import json
 import os
 
@@ -8,13 +9,13 @@ import pytest
 import torch
 
 from dit_moe import sampling
-from dit_moe.weights.checkpoint import save_checkpoint
 from dit_moe.config import ExperimentConfig, RoutingConfig, SampleConfig
 from dit_moe.data import DataInfo, load_decoder
 from dit_moe.diffusion import GaussianDiffusion, linspace_timesteps
 from dit_moe.registry import build_model
+from dit_moe.weights.checkpoint import save_checkpoint
 from dit_moe.sampling import (
-    DDPM_SAMPLERS as SAMPLERS, SamplerSettings, SamplingError, calibrate_threshold, main, make_generators, make_labels,
+    DDPM_SAMPLERS as SAMPLERS, SamplingError, calibrate_threshold, main, make_generators, make_labels,
     make_scheduler, read_samples, sample_latents, sample_to_folder, scheduler_step_kwargs,
 )
 
@@ -45,7 +46,7 @@ class GaussianClasses(torch.nn.Module):
     def __init__(self, means, s, learn_sigma=True, v=0.3):
         super().__init__()
         self.register_buffer("means", means.double())                      # (K, C, H, W)
-        self.register_buffer("abar", make_scheduler(SamplerSettings("ddpm", 10)).alphas_cumprod.double())
+        self.register_buffer("abar", make_scheduler(SampleConfig("ddpm", 10)).alphas_cumprod.double())
         self.s, self.v = s, v
         self.num_classes, self.in_channels = means.shape[0], means.shape[1]
         self.learn_sigma = learn_sigma
@@ -93,34 +94,34 @@ def draw(model, settings, n=64, seed=0):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_scheduler_configs():
-    ddpm = make_scheduler(SamplerSettings("ddpm", 250))
+    ddpm = make_scheduler(SampleConfig("ddpm", 250))
     c = ddpm.config
     assert (c.num_train_timesteps, c.beta_schedule, c.beta_start, c.beta_end) == (1000, "linear", 1e-4, 0.02)
     assert c.variance_type == "learned_range" and c.timestep_spacing == "linspace" and c.clip_sample is False
     # 250 steps land on ADM's space_timesteps(1000, "250"), DiT's sampling chain.
     assert ddpm.timesteps.tolist() == linspace_timesteps(1000, 250)[::-1]
-    assert make_scheduler(SamplerSettings("ddpm", 10), learn_sigma=False).config.variance_type == "fixed_large"
+    assert make_scheduler(SampleConfig("ddpm", 10), learn_sigma=False).config.variance_type == "fixed_large"
 
-    ddim = make_scheduler(SamplerSettings("ddim", 50))
+    ddim = make_scheduler(SampleConfig("ddim", 50))
     assert ddim.config.clip_sample is False and ddim.timesteps[0] == 999
-    assert make_scheduler(SamplerSettings("ddim", 50, clip_denoised=True)).config.clip_sample is True
+    assert make_scheduler(SampleConfig("ddim", 50, clip_denoised=True)).config.clip_sample is True
     # The pitfall guard: DDIM always re-derives eps from the (possibly clipped) x0.
-    assert scheduler_step_kwargs(SamplerSettings("ddim", 50, clip_denoised=True))["use_clipped_model_output"] is True
-    assert scheduler_step_kwargs(SamplerSettings("ddim", 50))["eta"] == 0.0
+    assert scheduler_step_kwargs(SampleConfig("ddim", 50, clip_denoised=True))["use_clipped_model_output"] is True
+    assert scheduler_step_kwargs(SampleConfig("ddim", 50))["eta"] == 0.0
 
-    dpm = make_scheduler(SamplerSettings("dpm", 20))
+    dpm = make_scheduler(SampleConfig("dpm", 20))
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.thresholding is False
     assert len(dpm.timesteps) == 20
     with pytest.raises(SamplingError, match="sampler 'euler'"):
-        make_scheduler(SamplerSettings("euler", 20))
+        make_scheduler(SampleConfig("euler", 20))
     with pytest.raises(SamplingError, match="steps=0"):
-        make_scheduler(SamplerSettings("ddim", 0))
+        make_scheduler(SampleConfig("ddim", 0))
 
 
 def test_ddim_clip_pitfall_guard(monkeypatch):
     """Guided DDIM with clipping recognises its class; diffusers' default step kwargs would invert the samples."""
     model = gaussian_classes(0.9, 0.3)
-    settings = SamplerSettings("ddim", 25, cfg_scale=3.0, clip_denoised=True)
+    settings = SampleConfig("ddim", 25, cfg_scale=3.0, clip_denoised=True)
     x, y = draw(model, settings)
     assert model.accuracy(x, y) > 0.95
     # Negative control: the same run with use_clipped_model_output left at its default (False).
@@ -133,7 +134,7 @@ def test_ddim_clip_pitfall_guard(monkeypatch):
 @pytest.mark.parametrize("clip", [False, True])
 def test_guidance_makes_samples_more_recognisable(sampler, clip):
     model = gaussian_classes(0.25, 0.35)          # overlapping classes: unguided samples are sometimes ambiguous
-    acc = {cfg: model.accuracy(*draw(model, SamplerSettings(sampler, 15, cfg, clip_denoised=clip), n=96))
+    acc = {cfg: model.accuracy(*draw(model, SampleConfig(sampler, 15, cfg, clip_denoised=clip), n=96))
            for cfg in (1.0, 3.0)}
     assert acc[3.0] >= acc[1.0] and acc[3.0] > 0.95, acc
 
@@ -143,7 +144,7 @@ def test_ddpm_loop_matches_adm_reference():
     model = gaussian_classes(0.5, 0.4)
     steps, n = 12, 6
     y = torch.arange(n) % 4
-    ours = sample_latents(model, y, make_generators(3, range(n)), SamplerSettings("ddpm", steps, 2.0), (1, 4, 4))
+    ours = sample_latents(model, y, make_generators(3, range(n)), SampleConfig("ddpm", steps, 2.0), (1, 4, 4))
 
     timesteps = linspace_timesteps(1000, steps)
     diffusion = GaussianDiffusion(timesteps=timesteps)
@@ -153,7 +154,8 @@ def test_ddpm_loop_matches_adm_reference():
         t = torch.full((n,), timesteps[i], dtype=torch.long)
         out = model.forward_with_cfg(x.float(), t, y, 2.0).double()
         noise = torch.stack([torch.randn((1, 4, 4), generator=g) for g in gens]).double() if i > 0 else torch.zeros_like(x)
-        x = diffusion.p_sample_step(out, x, i, noise)
+        step = diffusion.p_mean_variance(out, x, i)            # ADM's reverse step (the last one adds no noise)
+        x = step["mean"] + (i > 0) * torch.exp(0.5 * step["log_variance"]) * noise
     torch.testing.assert_close(ours, x.float(), atol=2e-4, rtol=1e-4)
 
 
@@ -199,19 +201,19 @@ def dense():
     return _randomise(build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10))
 
 
-SETTINGS = SamplerSettings("ddim", 4, 2.0, clip_denoised=True)
+SETTINGS = SampleConfig("ddim", 4, 2.0, clip_denoised=True)
 
 
 def _bulk(model, out, n=20, batch_size=8, settings=SETTINGS, **kw):
-    return sample_to_folder(model, out, settings=settings, num_samples=n, num_classes=10, shape=SHAPE,
-                            decode=load_decoder(DataInfo.from_dict(DATA_INFO)), batch_size=batch_size,
+    return sample_to_folder(model, out, settings=dataclasses.replace(settings, batch_size=batch_size), num_samples=n,
+                            num_classes=10, shape=SHAPE, decode=load_decoder(DataInfo.from_dict(DATA_INFO)),
                             progress=False, **kw)
 
 
 def test_deterministic_under_seed(dense):
     y = torch.tensor([0, 3, 7])
     for sampler in SAMPLERS:
-        s = SamplerSettings(sampler, 5, 2.0, clip_denoised=True)
+        s = SampleConfig(sampler, 5, 2.0, clip_denoised=True)
         a = sample_latents(dense, y, make_generators(5, range(3)), s, SHAPE)
         b = sample_latents(dense, y, make_generators(5, range(3)), s, SHAPE)
         c = sample_latents(dense, y, make_generators(6, range(3)), s, SHAPE)
@@ -231,9 +233,9 @@ def test_cfg_scale_one_is_conditional_sampling(dense):
     y = torch.tensor([1, 2, 9, 9])
     for sampler in SAMPLERS:
         gens = lambda: make_generators(0, range(4))  # noqa: E731
-        one = sample_latents(dense, y, gens(), SamplerSettings(sampler, 5, 1.0), SHAPE)
-        cond = sample_latents(CondOnly(dense), y, gens(), SamplerSettings(sampler, 5, 4.0), SHAPE)
-        guided = sample_latents(dense, y, gens(), SamplerSettings(sampler, 5, 4.0), SHAPE)
+        one = sample_latents(dense, y, gens(), SampleConfig(sampler, 5, 1.0), SHAPE)
+        cond = sample_latents(CondOnly(dense), y, gens(), SampleConfig(sampler, 5, 4.0), SHAPE)
+        guided = sample_latents(dense, y, gens(), SampleConfig(sampler, 5, 4.0), SHAPE)
         torch.testing.assert_close(one, cond, rtol=0, atol=0)
         assert not torch.allclose(one, guided)
 
@@ -322,8 +324,8 @@ def test_bulk_resume_keeps_samples_and_loses_none(dense, tmp_path):
         return decode(x)
 
     with pytest.raises(KeyboardInterrupt):
-        sample_to_folder(dense, out, settings=SETTINGS, num_samples=20, num_classes=10, shape=SHAPE,
-                         decode=dying_decode, batch_size=4, progress=False)
+        sample_to_folder(dense, out, settings=dataclasses.replace(SETTINGS, batch_size=4), num_samples=20,
+                         num_classes=10, shape=SHAPE, decode=dying_decode, progress=False)
     kept = sorted(os.listdir(out / "images"))
     assert len(kept) == 8 and not (out / "samples.npz").exists()
     stamps = {f: os.stat(out / "images" / f).st_mtime_ns for f in kept}
@@ -342,7 +344,7 @@ def test_bulk_resume_keeps_samples_and_loses_none(dense, tmp_path):
 def test_bulk_refuses_to_mix_settings(dense, tmp_path):
     _bulk(dense, tmp_path, n=4)
     with pytest.raises(SamplingError, match=r"cfg_scale: 2.0 on disk vs 3.0 now"):
-        _bulk(dense, tmp_path, n=4, settings=SamplerSettings("ddim", 4, 3.0, clip_denoised=True))
+        _bulk(dense, tmp_path, n=4, settings=SampleConfig("ddim", 4, 3.0, clip_denoised=True))
     with pytest.raises(SamplingError, match="num_samples"):
         _bulk(dense, tmp_path, n=6)
 
@@ -427,13 +429,13 @@ def test_calibrate_dtopp_threshold(dtopp_ckpt):
 
     model, _ = build_from_checkpoint(dtopp_ckpt)
     before = model.routing_controller.threshold.clone()
-    result = calibrate_threshold(model, 1.5, settings=SamplerSettings("ddim", 4, 2.0), shape=SHAPE, num_classes=10,
+    result = calibrate_threshold(model, 1.5, settings=SampleConfig("ddim", 4, 2.0), shape=SHAPE, num_classes=10,
                                  num_samples=4, num_points=2, rounds=1, iters=12, tol=0.02)
     assert abs(result["measured"] - 1.5) <= 0.05 and result["scope"] == "global"
     assert torch.equal(model.routing_controller.threshold, torch.tensor(result["threshold"]))
     assert not torch.equal(before, model.routing_controller.threshold)
     # The calibrated model samples at the target: activated experts are reported per timestep bucket.
-    lo = calibrate_threshold(model, 1.1, settings=SamplerSettings("ddim", 4, 2.0), shape=SHAPE, num_classes=10,
+    lo = calibrate_threshold(model, 1.1, settings=SampleConfig("ddim", 4, 2.0), shape=SHAPE, num_classes=10,
                              num_samples=4, num_points=2, rounds=1, iters=12, tol=0.02)
     assert lo["threshold"][0] < result["threshold"][0]
 

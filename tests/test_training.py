@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dit_moe.weights.checkpoint import list_checkpoints, load_checkpoint
 from dit_moe.config import ConfigError, load_config
 from dit_moe.diffusion import GaussianDiffusion
 from dit_moe.training import TrainingDivergedError, TrainingInterrupted, train
+from dit_moe.weights.checkpoint import list_checkpoints, load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(REPO, "configs", "default.yaml")

@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dit_moe.weights import checkpoint as checkpoint_mod
-from dit_moe.weights.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from dit_moe.config import load_config, save_config
 from dit_moe.diffusion import GaussianDiffusion
 from dit_moe.errors import DataError, TrainingInterrupted
 from dit_moe.registry import build_model
 from dit_moe.training import checkpointing, train
 from dit_moe.training.checkpointing import is_intact
+from dit_moe.weights import checkpoint as checkpoint_mod
+from dit_moe.weights.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6

@@ -4,13 +4,13 @@ one training step per router from an upcycled checkpoint, and refusals."""
 import pytest
 import torch
 
-from dit_moe.weights.build import build_from_checkpoint
-from dit_moe.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dit_moe.config import load_config
 from dit_moe.diffusion import GaussianDiffusion
-from dit_moe.weights.init_from import load_init_weights
 from dit_moe.models import moe
 from dit_moe.registry import build_model
+from dit_moe.weights.build import build_from_checkpoint
+from dit_moe.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dit_moe.weights.init_from import load_init_weights
 from dit_moe.weights.upcycle import UpcycleError, main, upcycle
 
 TOL = 1e-12

@@ -31,21 +31,13 @@ The interface (SiT's ``transport`` style: built once from the config by ``build_
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
-from .ddpm import (
-    DDPMObjective,
-    GaussianDiffusion,
-    approx_standard_normal_cdf,
-    discretized_gaussian_log_likelihood,
-    linspace_timesteps,
-    mean_flat,
-    normal_kl,
-)
+from ..config import ConfigError, DiffusionConfig, ExperimentConfig
+from ..validation import objective_problem
+from .ddpm import (DDPMObjective, GaussianDiffusion, approx_standard_normal_cdf, discretized_gaussian_log_likelihood,
+                   linspace_timesteps, mean_flat, normal_kl)
 from .flow import TIMESTEP_SCALE, RectifiedFlow, shift_time, time_grid
-
-if TYPE_CHECKING:
-    from ..config import DiffusionConfig, ExperimentConfig
 
 __all__ = [
     "Objective",
@@ -66,19 +58,17 @@ __all__ = [
 Objective = Union[DDPMObjective, RectifiedFlow]
 
 
-def build_objective(cfg: "ExperimentConfig | DiffusionConfig", learn_sigma: bool) -> Objective:
+def build_objective(cfg: ExperimentConfig | DiffusionConfig, learn_sigma: bool) -> Objective:
     """The objective of an experiment (its ``diffusion`` section) for a model with/without learned sigma.
 
-    Raises ConfigError for diffusion.objective=flow with model.learn_sigma=true (a flow model has C outputs).
+    Raises ConfigError for diffusion.objective=flow with model.learn_sigma=true (``validation.objective_problem``).
     """
-    from ..config import ConfigError, DiffusionConfig
-
     d = cfg if isinstance(cfg, DiffusionConfig) else cfg.diffusion
+    problem = objective_problem(d.objective, learn_sigma)
+    if problem:
+        raise ConfigError(problem)
     if d.objective == "ddpm":
         return DDPMObjective(learn_sigma=learn_sigma)
     if d.objective == "flow":
-        if learn_sigma:
-            raise ConfigError("diffusion.objective=flow needs model.learn_sigma=false (a flow model predicts a "
-                              "velocity with C output channels; there is no variance to learn)")
         return RectifiedFlow(t_sampling=d.t_sampling, t_mean=d.t_mean, t_std=d.t_std, time_shift=d.time_shift)
     raise ConfigError(f"diffusion.objective: {d.objective!r} is not one of ('ddpm', 'flow')")

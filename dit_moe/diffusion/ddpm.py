@@ -143,7 +143,7 @@ class GaussianDiffusion:
             raise ValueError(f"GaussianDiffusion: beta_schedule={beta_schedule!r} not in {_BETA_SCHEDULES}")
         if num_timesteps < 2:
             raise ValueError(f"GaussianDiffusion: num_timesteps={num_timesteps} must be >= 2")
-        from diffusers import DDPMScheduler  # heavy import, only needed here
+        from diffusers import DDPMScheduler  # not at the top: diffusers takes seconds to import; flow never needs it
 
         scheduler = DDPMScheduler(
             num_train_timesteps=num_timesteps,
@@ -292,14 +292,6 @@ class GaussianDiffusion:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart)
-
-    def p_sample_step(self, model_output: Tensor, x_t: Tensor, t, noise: Tensor, clip_denoised: bool = False) -> Tensor:
-        """ADM's reverse step x_{t-1} = mean + [t > 0] exp(log_variance / 2) noise. Shapes as p_mean_variance."""
-        t = self._as_timesteps(t, x_t)
-        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
-        # The last step (respaced index 0) returns the mean: no noise is added to the final sample.
-        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
-        return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
 
     # ------------------------------------------------------------------ objective
 

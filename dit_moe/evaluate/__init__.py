@@ -43,11 +43,8 @@ from .sources import (IMAGE_EXTENSIONS, ImageFolderDataset, ImageTensorDataset, 
                       open_source)
 from .statistics import ADM_SPATIAL_LAYER, ADM_STATS_EXTRACTOR, STATS_FORMAT, feature_statistics, frechet_distance
 
-# Private helpers that callers imported from the single-file module this package replaced.
-from .extraction import _resolve_device  # noqa: F401,E402
-from .statistics import _read_stats, _write_stats  # noqa: F401,E402
-
-_check_extractor = check_extractor
+# A private helper that tests/test_evaluate.py imports from here (the single-file module this package replaced).
+from .statistics import _write_stats  # noqa: F401,E402
 
 __all__ = [
     "ADM_SPATIAL_LAYER", "ADM_STATS_EXTRACTOR", "DEFAULT_EXTRACTOR", "IMAGE_EXTENSIONS", "ISC_SPLITS", "KID_SUBSETS",

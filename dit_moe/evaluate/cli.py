@@ -10,27 +10,24 @@ import math
 import os
 
 from ..checks import check_at_least, check_output_file
+from ..cli import add_device_argument, run_command
 from ..errors import EvaluationError, InputNotFoundError
+from ..inference import resolve_device
+from . import __doc__ as package_doc
 from .extraction import DEFAULT_EXTRACTOR
-from .metrics import METRICS
+from .metrics import METRICS, compute_metrics, write_metrics_json
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "add_metric_arguments", "run", "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import __doc__ as package_doc
-
     p.description = package_doc.strip()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("generated", help="folder of images, or .npz with arr_0 (uint8 NHWC) or mu/sigma")
     p.add_argument("reference", help="folder of images, .npz with arr_0, ADM reference batch, or save_stats file")
-    p.add_argument("--metrics", default="fid", help=f"comma-separated subset of {','.join(METRICS)} (default fid)")
-    p.add_argument("--extractor", default=DEFAULT_EXTRACTOR,
-                   help=f"torch-fidelity feature extractor (default {DEFAULT_EXTRACTOR}; digits-cnn for the demo)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="local extractor weights (offline machines), e.g. weights-inception-2015-12-05-6726825d.pth")
+    add_metric_arguments(p)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    add_device_argument(p)
     p.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default: 4 for folders "
                                                                   "on CUDA, else 0)")
     p.add_argument("--recursive", action="store_true", help="search image folders recursively")
@@ -43,10 +40,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true")
 
 
+def add_metric_arguments(p, when: str = "") -> None:
+    """--metrics, --extractor, --inception-weights: what to compute and with which features (``dit-moe evaluate``;
+    ``dit-moe sample --fid`` with ``when="with --fid: "``)."""
+    p.add_argument("--metrics", default="fid",
+                   help=f"{when}comma-separated subset of {','.join(METRICS)} (default fid)")
+    p.add_argument("--extractor", default=DEFAULT_EXTRACTOR,
+                   help=f"{when}torch-fidelity feature extractor (default {DEFAULT_EXTRACTOR}; digits-cnn for the "
+                        "embedded digits)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help=f"{when}local extractor weights (offline machines), e.g. "
+                        "weights-inception-2015-12-05-6726825d.pth")
+
+
 def run(args: argparse.Namespace) -> dict:
     """The metrics of ``args.generated`` against ``args.reference``; prints them, writes --out; returns the result."""
-    from .metrics import compute_metrics, write_metrics_json
-
     settings = _check_cli(args)
     result = compute_metrics(
         args.generated, args.reference, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
@@ -61,8 +69,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..cli import run_command
-
     return run_command("evaluate", argv, prog="python -m dit_moe.evaluate", label="evaluate")
 
 
@@ -71,6 +77,7 @@ def _check_cli(args):
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
                              ("--kid-subset-size", args.kid_subset_size, 1)):
         check_at_least(flag, value, low, EvaluationError)
+    resolve_device(args.device)                  # the one --device check (evaluate, sample, analyze, demo, study)
     check_output_file("--out", args.out, EvaluationError)
     check_output_file("--save-ref-stats", args.save_ref_stats, EvaluationError)
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):

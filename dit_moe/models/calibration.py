@@ -22,7 +22,7 @@ import torch.nn as nn
 from .routers import DTopPRouter, TopPRouter
 from .routing_tap import RoutingTap
 
-__all__ = ["Thresholds", "thresholds_of", "bisect", "calibrate_thresholds"]
+__all__ = ["Thresholds", "bisect", "calibrate_thresholds"]
 
 
 class Thresholds:
@@ -64,10 +64,6 @@ class Thresholds:
             return
         for i, r in enumerate(self.routers):
             r.threshold = float(values[0 if values.numel() == 1 else i])
-
-
-def thresholds_of(model: nn.Module, scope: Optional[str] = None) -> Thresholds:
-    return Thresholds(model, scope)
 
 
 def bisect(f: Callable[[float], float], target: float, iters: int = 30, tol: float = 1e-3, lo: float = 1e-6,

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .moe import MoEMLP
+
 __all__ = ["compile_blocks", "keep_dispatch_eager", "is_compiled", "graph_breaks"]
 
 
@@ -50,8 +52,6 @@ def keep_dispatch_eager() -> None:
     Done on first use rather than with a decorator in moe.py: ``torch.compiler.disable`` imports torch._dynamo,
     which would add seconds to the start of every command that never compiles.
     """
-    from .moe import MoEMLP
-
     if not getattr(MoEMLP._routed, "_dit_moe_eager", False):
         eager = torch.compiler.disable(MoEMLP._routed)
         eager._dit_moe_eager = True

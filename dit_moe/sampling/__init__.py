@@ -21,13 +21,13 @@ load torch.
 import importlib
 
 _EXPORTS = {
-    "settings": ("SampleConfig", "SamplerSettings", "resolve_settings", "guidance_scale", "objective_for", "SAMPLERS",
+    "settings": ("SampleConfig", "resolve_settings", "guidance_scale", "SAMPLERS",
                  "DDPM_SAMPLERS", "FLOW_SAMPLERS", "ALL_SAMPLERS", "DEFAULT_STEPS"),
     "errors": ("SamplingError",),
     "solvers": ("SCHEDULE", "make_scheduler", "scheduler_step_kwargs", "flow_grid", "euler", "heun", "sde", "solve",
                 "num_model_calls"),
     "loop": ("LABEL_POLICIES", "derive_seed", "sample_seed", "make_generators", "make_labels", "check_labels",
-             "initial_noise", "sample_latents"),
+             "initial_noise", "objective_for", "sample_latents"),
     "grid": ("make_grid", "short_name", "resolve_classes", "grid_labels", "sample_grid", "training_grid"),
     "experts": ("expert_tap", "summarize_active", "format_active", "has_routers"),
     "calibrate": ("require_dtopp", "calibrate_threshold"),

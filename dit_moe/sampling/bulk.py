@@ -20,11 +20,16 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
+from .. import evaluate
 from ..config import SampleConfig
+from ..data import to_uint8
+from ..features import digits_classifier
 from .experts import expert_tap, summarize_active
-from .loop import make_generators, make_labels, sample_latents
-from .settings import SamplingError, objective_for, resolve_settings
+from .loop import make_generators, make_labels, objective_for, sample_latents
+from .settings import SamplingError, resolve_settings
 
 __all__ = ["IMAGE_DIR", "NPZ_FILE", "INFO_FILE", "STATS_DIR", "METRICS_FILE", "SingleProcess", "existing_indices",
            "write_npz", "read_samples", "sample_to_folder", "Evaluation", "evaluate_samples", "sample_accuracy",
@@ -103,8 +108,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _save_png(path: Path, image_hwc: np.ndarray) -> None:
-    from PIL import Image
-
     _atomic_write(path, lambda tmp: Image.fromarray(image_hwc, "RGB").save(tmp, format="PNG"))
 
 
@@ -114,8 +117,6 @@ def write_npz(out_dir: Path, labels: np.ndarray) -> Path:
     The image array is filled through a memory-mapped .npy file and stored uncompressed in the zip, so 50K
     ImageNet-sized samples never need to sit in RAM at once.
     """
-    from PIL import Image
-
     out_dir = Path(out_dir)
     first = np.asarray(Image.open(_image_path(out_dir, 0)).convert("RGB"))
     path = out_dir / NPZ_FILE
@@ -127,8 +128,6 @@ def write_npz(out_dir: Path, labels: np.ndarray) -> Path:
 
 
 def _pack_npz(out_dir: Path, path: Path, labels: np.ndarray, first: np.ndarray) -> Path:
-    from PIL import Image
-
     n = len(labels)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".npz-") as tmp:
         arr_file = os.path.join(tmp, "arr_0.npy")
@@ -191,9 +190,7 @@ def sample_to_folder(
     num_classes: int,
     shape: tuple[int, int, int],
     decode: Callable[[torch.Tensor], torch.Tensor],
-    seed: int = 0,
     labels: str = "balanced",
-    batch_size: int = 64,
     state=None,
     run_info: Optional[dict] = None,
     extra: Optional[dict] = None,
@@ -202,21 +199,18 @@ def sample_to_folder(
 ) -> dict:
     """Draw ``num_samples`` samples into ``out_dir``, resumably, across processes; returns samples.json's content.
 
-    Process r of W draws the missing indices i with i % W == r, in batches of ``batch_size``; a sample's pixels
-    depend only on (settings, seed, i). Existing PNGs are kept. After a barrier the main process checks that all
+    Process r of W draws the missing indices i with i % W == r, in batches of ``settings.batch_size``; a sample's
+    pixels depend only on (settings, settings.seed, i). Existing PNGs are kept. After a barrier the main process checks that all
     N images exist, writes ``samples.npz`` and ``samples.json``. ``run_info`` (model, checkpoint, VAE, ...)
     joins the settings that must match for a resume; ``extra`` is informational (e.g. the calibration result).
     ``decode`` maps latents (N, C, h, w) to images (N, 3|1, H, W) in [-1, 1]; ``objective`` as in sample_latents.
     """
-    from ..data import to_uint8
-
     state = state or SingleProcess()
     objective = objective if objective is not None else objective_for(model, settings)
-    settings = resolve_settings(settings, objective, shape[0])
+    settings = resolve_settings(settings, objective, shape[0])      # checks batch_size and seed too
     if num_samples < 1:
         raise SamplingError(f"num_samples={num_samples} must be >= 1")
-    if batch_size < 1:
-        raise SamplingError(f"batch_size={batch_size} must be >= 1")
+    seed, batch_size = settings.seed, settings.batch_size
     out_dir = Path(out_dir)
     all_labels = make_labels(labels, num_samples, num_classes, seed)
     run_settings = {
@@ -257,7 +251,6 @@ def sample_to_folder(
 
     bar = None
     if progress and state.is_main_process:
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=f"sampling (rank 0 of {world})", unit="img", dynamic_ncols=True)
     device = next(model.parameters()).device
     try:
@@ -325,7 +318,7 @@ class Evaluation:
     statistics npz) with a torch-fidelity feature extractor, and optionally the digits classifier's accuracy."""
     reference: str
     metrics: tuple = ("fid",)
-    extractor: str = "inception-v3-compat"
+    extractor: str = evaluate.DEFAULT_EXTRACTOR
     inception_weights: Optional[str] = None
     classifier_accuracy: bool = False
 
@@ -333,22 +326,12 @@ class Evaluation:
         """Raise the error the evaluation would raise after sampling, now: unknown metrics or extractor, missing
         weights, a reference that does not exist, cannot be read, or lacks what the metrics need (prefixed with
         ``label``)."""
-        _evaluate_module().check_reference(self.reference, metrics=tuple(self.metrics), label=label,
-                                           feature_extractor=self.extractor, inception_weights=self.inception_weights)
-
-
-def _evaluate_module():
-    try:
-        from .. import evaluate
-    except ImportError as e:
-        raise SamplingError(f"metrics need dit_moe.evaluate, which failed to import ({e})") from e
-    return evaluate
+        evaluate.check_reference(self.reference, metrics=tuple(self.metrics), label=label,
+                                 feature_extractor=self.extractor, inception_weights=self.inception_weights)
 
 
 def sample_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
     """Share of uint8 (N, H, W, 3) digit images that the digits classifier labels as the class they were drawn for."""
-    from ..features import digits_classifier
-
     grey = torch.from_numpy(np.asarray(images)).float().mean(dim=-1).unsqueeze(1) / 127.5 - 1.0   # (N, 1, H, W)
     with torch.no_grad():
         pred = digits_classifier()(grey).argmax(dim=1)
@@ -360,7 +343,6 @@ def evaluate_samples(out_dir: str | Path, evaluation: Evaluation, summary: dict,
 
     Returns {"metrics": {...}, "settings": {...}, "classifier_accuracy": float | None}.
     """
-    evaluate = _evaluate_module()
     out_dir = Path(out_dir)
     settings = {**summary["settings"], "samples": str(out_dir / NPZ_FILE)}
     if summary.get("active_experts"):
@@ -389,8 +371,7 @@ def generate(bundle, out_dir: str | Path, settings: Optional[SampleConfig] = Non
         evaluation.check()                 # a bad reference fails before any sample is drawn
     summary = sample_to_folder(
         bundle.model, out_dir, settings=settings, num_samples=num_samples, num_classes=bundle.num_classes,
-        shape=bundle.shape, decode=bundle.decode, seed=settings.seed, labels=labels, batch_size=settings.batch_size,
-        state=state, run_info={**bundle.run_info(), **(run_info or {})}, extra=extra, progress=progress,
+        shape=bundle.shape, decode=bundle.decode, labels=labels, state=state, run_info={**bundle.run_info(), **(run_info or {})}, extra=extra, progress=progress,
         objective=bundle.objective)
     if evaluation is not None and (state is None or state.is_main_process):
         result = evaluate_samples(out_dir, evaluation, summary, bundle.device)

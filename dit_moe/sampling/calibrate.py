@@ -11,8 +11,8 @@ import torch
 
 from ..config import SampleConfig
 from ..models.calibration import calibrate_thresholds
-from .loop import derive_seed, make_generators, make_labels, sample_latents
-from .settings import SamplingError, guidance_scale, objective_for, resolve_settings
+from .loop import derive_seed, make_generators, make_labels, objective_for, sample_latents
+from .settings import SamplingError, guidance_scale, resolve_settings
 from .solvers import num_model_calls
 
 __all__ = ["require_dtopp", "calibrate_threshold"]

@@ -16,12 +16,18 @@ import argparse
 from typing import Optional, Sequence
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast
+from PIL import Image
 
+from ..checks import check_at_least, check_output_dir, check_output_file, check_positive
+from ..cli import run_command
 from ..config import SampleConfig
+from ..evaluate.cli import add_metric_arguments
+from ..inference import load, resolve_device
 from .bulk import Evaluation, SingleProcess, generate
 from .calibrate import calibrate_threshold, require_dtopp
 from .experts import format_active
-from ..checks import check_at_least, check_output_dir, check_output_file, check_positive
 from .flags import (add_checkpoint_arguments, add_class_arguments, add_sampler_arguments, check_sample_flags,
                     settings_from_args)
 from .grid import sample_grid
@@ -49,10 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="balanced: i %% num_classes, seeded permutation (default); random: uniform (DiT's sample_ddp)")
     b.add_argument("--fid", metavar="REF", help="after sampling, compute metrics against REF (image folder, ADM "
                    "reference npz, or statistics npz) and write DIR/metrics.json")
-    b.add_argument("--metrics", default="fid", help="with --fid: comma-separated subset of fid,sfid,isc,kid,prc")
-    b.add_argument("--extractor", default="inception-v3-compat",
-                   help="with --fid: torch-fidelity feature extractor (digits-cnn for the embedded digits)")
-    b.add_argument("--inception-weights", metavar="PATH", help="with --fid: local Inception weights (offline machines)")
+    add_metric_arguments(b, when="with --fid: ")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", help="grid: PNG path (default samples.png); bulk: output folder (required)")
     s = p.add_argument_group("DTop-p inference-time sparsity")
@@ -72,14 +75,11 @@ def _describe(settings: SampleConfig) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Everything behind the command line; returns a summary (samples.json content for bulk runs)."""
-    from ..inference import load, resolve_device
-
     bulk = args.num_samples is not None
     evaluation = _check_args(args, bulk)                  # flags on their own: before the checkpoint is loaded
     requested = resolve_device(args.device) if args.device else None
     state = SingleProcess()
     if bulk:
-        from accelerate import PartialState
         # Without cpu=True Accelerate sets up no process group on a machine without CUDA (torchrun on CPUs).
         state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = requested or getattr(state, "device", None) or resolve_device(None)
@@ -87,8 +87,6 @@ def run(args: argparse.Namespace) -> dict:
     bundle = load(args.checkpoint, weights=args.weights, device=device, vae=args.vae)
     settings = settings_from_args(args, bundle)           # every flag checked before anything is sampled
     if not bulk:
-        from PIL import Image
-
         check_output_file("--out", args.out, SamplingError, suffixes=Image.registered_extensions())
     bundle.decode                                         # a VAE that cannot be loaded fails here, not mid-run
     calibration = None
@@ -99,7 +97,6 @@ def run(args: argparse.Namespace) -> dict:
                                           num_samples=args.calibration_samples, objective=bundle.objective)
         if state.num_processes > 1:
             # Every rank calibrated on the same inputs; GPU non-determinism must not leave them with different p.
-            from accelerate.utils import broadcast
             threshold = bundle.model.routing_controller.threshold
             threshold.copy_(broadcast(threshold.clone(), from_process=0))
             calibration["threshold"] = threshold.float().cpu().tolist()
@@ -156,6 +153,4 @@ def _check_args(args: argparse.Namespace, bulk: bool) -> Optional[Evaluation]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import run_command
-
     return run_command("sample", argv, prog="sample.py")

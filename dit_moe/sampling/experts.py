@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..models.routers.base import Router
 from ..models.routing_tap import RoutingTap, summarize
 from .settings import SamplingError
 
@@ -21,8 +22,6 @@ summarize_active = summarize     # merge per-process tap states into the report 
 
 
 def has_routers(model: torch.nn.Module) -> bool:
-    from ..models.routers.base import Router
-
     return any(isinstance(m, Router) for m in model.modules())
 
 

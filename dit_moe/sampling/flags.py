@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..config import ALL_SAMPLERS, SampleConfig, sample_problems
+from ..cli import add_device_argument
+from ..config import ALL_SAMPLERS, SampleConfig
+from ..validation import sample_problems
 from .errors import SamplingError
 from .settings import resolve_settings
 
@@ -24,8 +26,7 @@ FLAGS = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg-scale",
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     """--weights, --device, --vae: how a checkpoint becomes a sampler (dit_moe.inference.load)."""
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
-    p.add_argument("--device", help="torch device (default: CUDA when available; under accelerate launch each "
-                                    "process's own)")
+    add_device_argument(p)
     p.add_argument("--vae", help="decode with this AutoencoderKL (hub id or local directory) instead of the "
                                  "checkpoint's")
 

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from ..config import ExperimentConfig, SampleConfig
+from ..data import to_uint8
+from ..inference import from_model
 from .experts import expert_tap
 from .loop import derive_seed, make_generators, sample_latents
 from .settings import SamplingError, resolve_settings
@@ -24,8 +27,6 @@ __all__ = ["make_grid", "short_name", "resolve_classes", "grid_labels", "sample_
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow < 10.1, or no FreeType: the fixed bitmap font
@@ -47,8 +48,6 @@ def make_grid(images: torch.Tensor, captions: Optional[Sequence[str]] = None, nc
     Images smaller than ``min_cell`` are upscaled by an integer factor with nearest neighbour, so 8x8 digits
     stay crisp and readable.
     """
-    from PIL import Image, ImageDraw
-
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise SamplingError(f"make_grid expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     N, _, H, W = images.shape
@@ -116,8 +115,6 @@ def _captions(bundle, labels: torch.Tensor) -> list[str]:
 
 def _draw(bundle, labels: torch.Tensor, settings: SampleConfig) -> torch.Tensor:
     """uint8 images (N, 3, H, W) of ``labels``; sample i uses generator (seed, i), batches of settings.batch_size."""
-    from ..data import to_uint8
-
     images = []
     for b in range(0, len(labels), settings.batch_size):
         idx = list(range(b, min(b + settings.batch_size, len(labels))))
@@ -156,8 +153,6 @@ def training_grid(model: torch.nn.Module, experiment: ExperimentConfig, data_inf
     RNG-isolated: the samples come from their own per-sample generators, and ``fork_rng`` restores torch's global
     (and CUDA) RNG afterwards, so the training stream -- which a resume replays -- is untouched.
     """
-    from ..inference import from_model
-
     bundle = from_model(model, experiment, data_info, device)
     K = bundle.num_classes
     classes = torch.linspace(0, K - 1, min(K, max_classes)).round().long().tolist()

@@ -18,16 +18,29 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..config import SampleConfig
-from .settings import SamplingError, guidance_scale, objective_for, resolve_settings
+from ..config import SAMPLERS, SampleConfig
+from ..diffusion import DDPMObjective, RectifiedFlow
+from ..models.compile import compile_blocks
+from .settings import SamplingError, guidance_scale, resolve_settings
 from .solvers import solve
 
 __all__ = ["LABEL_POLICIES", "derive_seed", "sample_seed", "make_generators", "make_labels", "check_labels",
-           "initial_noise", "sample_latents"]
+           "initial_noise", "objective_for", "sample_latents"]
 
 LABEL_POLICIES = ("balanced", "random")
 
 Callback = Callable[[int, float, torch.Tensor], None]
+
+
+def objective_for(model, settings: SampleConfig):
+    """The objective of a bare model that came without one: flow when asked for a flow sampler, else DDPM.
+
+    Code that starts from a checkpoint gets the objective from ``dit_moe.inference.load``; this only keeps plain
+    ``sample_latents(model, ...)`` calls (DDPM models, as before flow existed) working.
+    """
+    if settings.sampler in SAMPLERS["flow"]:
+        return RectifiedFlow()
+    return DDPMObjective(learn_sigma=bool(getattr(model, "learn_sigma", True)))
 
 
 def derive_seed(seed: int, *key: int) -> int:
@@ -111,7 +124,6 @@ def sample_latents(
     if device is None:
         device = next(model.parameters()).device
     if settings.compile:                  # in place and once: later calls (batches, the next grid) reuse the graphs
-        from ..models.compile import compile_blocks
         compile_blocks(model)
     gens = list(generators)
     N = labels.shape[0]

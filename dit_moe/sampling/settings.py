@@ -7,37 +7,22 @@ A checkpoint's ``sample`` section, the command line and keyword arguments all de
     steps       the sampler's default (config.DEFAULT_STEPS: ddpm 250, ddim 50, dpm 25, euler 50, heun 25, sde 100)
     time_shift  flow samplers: the training shift diffusion.time_shift (1 = none); DDPM samplers: none
 
-and every value is checked (``dit_moe.config.sample_problems``) before anything is sampled.
+and every value is checked (``dit_moe.validation.sample_problems``) before anything is sampled.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Optional
 
-from ..config import ALL_SAMPLERS, DEFAULT_STEPS, SAMPLERS, SampleConfig, sample_problems
+from ..config import ALL_SAMPLERS, DEFAULT_STEPS, SAMPLERS, SampleConfig
+from ..validation import sample_problems
 from .errors import SamplingError
 
-__all__ = ["SamplingError", "SampleConfig", "SamplerSettings", "resolve_settings", "guidance_scale",
-           "SAMPLERS", "DDPM_SAMPLERS", "FLOW_SAMPLERS", "ALL_SAMPLERS", "DEFAULT_STEPS", "objective_for"]
+__all__ = ["SamplingError", "SampleConfig", "resolve_settings", "guidance_scale",
+           "SAMPLERS", "DDPM_SAMPLERS", "FLOW_SAMPLERS", "ALL_SAMPLERS", "DEFAULT_STEPS"]
 
 DDPM_SAMPLERS = SAMPLERS["ddpm"]
 FLOW_SAMPLERS = SAMPLERS["flow"]
-
-# The name this class had before it was merged with SampleConfig; kept so existing code keeps working.
-SamplerSettings = SampleConfig
-
-
-def objective_for(model, settings: SampleConfig):
-    """The objective of a bare model that came without one: flow when asked for a flow sampler, else DDPM.
-
-    Code that starts from a checkpoint gets the objective from ``dit_moe.inference.load``; this only keeps plain
-    ``sample_latents(model, ...)`` calls (DDPM models, as before flow existed) working.
-    """
-    from ..diffusion import DDPMObjective, RectifiedFlow
-
-    if settings.sampler in FLOW_SAMPLERS:
-        return RectifiedFlow()
-    return DDPMObjective(learn_sigma=bool(getattr(model, "learn_sigma", True)))
 
 
 def resolve_settings(settings: SampleConfig, objective, in_channels: Optional[int] = None,

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..config import SampleConfig
+from ..diffusion import TIMESTEP_SCALE, time_grid
 from .settings import DDPM_SAMPLERS, SamplingError
 
 __all__ = ["SCHEDULE", "make_scheduler", "scheduler_step_kwargs", "num_model_calls", "solve", "solve_ddpm",
@@ -59,6 +60,7 @@ Predict = Callable[[torch.Tensor, float, float], torch.Tensor]
 
 def make_scheduler(settings: SampleConfig, learn_sigma: bool = True):
     """A fresh diffusers scheduler for ``settings`` with its timesteps set (multistep solvers keep state: one per run)."""
+    # Not at the top: diffusers takes seconds to import, and flow models (the embedded default) never need it.
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if settings.sampler not in DDPM_SAMPLERS:
@@ -122,15 +124,11 @@ def solve_ddpm(settings: SampleConfig, objective, x: torch.Tensor, predict: Pred
 
 def flow_grid(settings: SampleConfig) -> list[float]:
     """The (steps + 1) times 1 -> 0 of a flow run, shifted by settings.time_shift (None or 1 = no shift)."""
-    from ..diffusion import time_grid
-
     shift = 1.0 if settings.time_shift is None else float(settings.time_shift)
     return time_grid(int(settings.steps), shift).tolist()
 
 
 def _velocity(predict: Predict, x: torch.Tensor, t: float) -> torch.Tensor:
-    from ..diffusion import TIMESTEP_SCALE
-
     v = predict(x, t * TIMESTEP_SCALE, t).float()
     if v.shape != x.shape:
         raise SamplingError(f"a flow model must output a velocity of the input's shape {tuple(x.shape)}, got "

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..cli import add_device_argument
 from .config import StudyError
 
 __all__ = ["add_arguments", "run", "main"]
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plots-dir", type=Path, help="write the PNGs here (default <output>/plots)")
     p.add_argument("--arms", nargs="+", help="run only these arms (and their calibration sources)")
     p.add_argument("--seeds", type=int, nargs="+", help="run and report only these seeds (default: the config's)")
-    p.add_argument("--device", help="torch device (default: cuda when available)")
+    add_device_argument(p)
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write the report of what has finished (records, finished runs), list the rest")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -40,11 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Load the study, run what is not finished, write the report; returns the summary (results.json)."""
-    from ..checks import check_at_least, check_output_dir
+    from ..checks import check_output_dir
     from .config import load_study
     from .run import report_study, run_study
 
-    check_at_least("--jobs", args.jobs, 1, StudyError)
     check_output_dir("--plots-dir", args.plots_dir, StudyError)
     study = load_study(args.config, args.overrides, args.output, args.records)
     if args.seeds:

@@ -37,7 +37,7 @@ N + resume + N give bit-identical parameters, EMA and router state (tests/test_t
 changed optimisation settings (a new train.lr takes effect) and warns when the schedule changes (resume.py).
 
 Faults.
-* Bad input: the whole config is validated first (``dit_moe.config.validate``), then the data against the model;
+* Bad input: the whole config is validated first (``dit_moe.validation.validate``), then the data against the model;
   a problem raises before the run folder is created.
 * Non-finite loss: the per-step losses are summed on the device (no host sync per step); the sum is all-reduced
   and checked on every logging step and before every checkpoint. A NaN/inf anywhere since the last check
@@ -86,7 +86,7 @@ TensorBoard receives the scalar entries (lists are logged element-wise as ``key/
 """
 from ..errors import RunLockedError, TrainingDivergedError, TrainingError, TrainingInterrupted
 from .checkpointing import ACCELERATE_DIR, validate_checkpoint
-from .loop import build_objective, diffusion_loss, sample_grid, train
+from .loop import build_objective, diffusion_loss, train, write_ema_grid
 from .metrics import routing_metrics
 from .rundir import LOCK_FILE, RunLock, default_run_name, run_dir_of
 from .setup import EpochSampler, SeededItems, TrainState, ema_decay_at, lr_factor, update_ema
@@ -96,5 +96,5 @@ __all__ = [
     "ACCELERATE_DIR", "EpochSampler", "LOCK_FILE", "RunLock", "RunLockedError", "SeededItems", "StopSignals",
     "TrainState", "TrainingDivergedError", "TrainingError", "TrainingInterrupted", "build_objective",
     "default_run_name", "diffusion_loss", "ema_decay_at", "lr_factor", "routing_metrics", "run_dir_of",
-    "sample_grid", "train", "update_ema", "validate_checkpoint",
+    "train", "update_ema", "validate_checkpoint", "write_ema_grid",
 ]

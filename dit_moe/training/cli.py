@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import read_config
+from .loop import train
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -32,14 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Load and validate the config, train; returns the run folder (TrainingInterrupted after a stop signal)."""
-    from ..config import load_config
-    from .loop import train
-
+    """Read the config, train; returns the run folder (TrainingInterrupted after a stop signal). The trainer runs the
+    validation pass, once, when it knows the number of processes."""
     overrides = list(args.overrides)
     if args.run_name is not None:
         overrides.append(f"train.run_name={args.run_name}")
-    cfg = load_config(args.config, overrides)
+    cfg = read_config(args.config, overrides)
     if cfg.train.run_name is None:
         cfg.train.run_name = Path(args.config).name.removesuffix(".yaml")
     try:

@@ -30,8 +30,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import accelerate.utils
 import torch
 import torch.nn as nn
+from accelerate.checkpointing import (load_accelerator_state, load_custom_state, save_accelerator_state,
+                                      save_custom_state)
+from accelerate.utils import convert_outputs_to_fp32
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from ..registry import build_model
 
 
 # Set once this process has sharded a model over several ranks. torch 2.14's FSDP2 keeps the gloo/NCCL process
@@ -49,8 +61,6 @@ def sharded_over_processes() -> bool:
 
 
 def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(t, DTensor)
 
 
@@ -63,8 +73,6 @@ class Sharding:
     """The FSDP2 plan of one run: the device mesh, which modules are sharded, and the 0-d parameters' names."""
 
     def __init__(self, accelerator):
-        from torch.distributed.device_mesh import init_device_mesh
-
         global _sharded_over_processes
 
         self.accelerator = accelerator
@@ -76,8 +84,6 @@ class Sharding:
     # ----------------------------------------------------------------------------------- sharding
     def shard(self, model: nn.Module) -> nn.Module:
         """fully_shard every DiT block, then the root (in place); returns ``model``."""
-        from torch.distributed.fsdp import fully_shard
-
         self.scalars |= _reshape_scalars(model)
         for block in model.blocks:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
@@ -99,7 +105,6 @@ class Sharding:
         """Accelerate's mixed precision for an unprepared model: autocast around forward, outputs cast to fp32."""
         if self.accelerator.mixed_precision == "no":
             return model
-        from accelerate.utils import convert_outputs_to_fp32
 
         inner, autocast = model.forward, self.accelerator.autocast
 
@@ -125,23 +130,17 @@ class Sharding:
         """The module's full state dict on rank 0 (CPU tensors, the unsharded names and shapes); {} on other ranks.
 
         Every rank must call it (it all-gathers)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: (v.reshape(()) if k in self.scalars else v) for k, v in sd.items()}
 
     def load_full_state(self, module: nn.Module, sd: dict) -> None:
         """Load a full state dict (the same on every rank) into the sharded ``module``: each rank keeps its shard."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         sd = {k: (v.reshape(1) if k in self.scalars else v) for k, v in sd.items()}
         set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True, strict=True))
 
     def full_optimizer_state(self, model: nn.Module, optimizer) -> dict:
         """The optimizer's full state on rank 0, keyed like ``optimizer.state_dict()`` of the unsharded model
         (integer ids in ``model.parameters()`` order, one group): what a ddp run saves. {} on other ranks."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         osd = get_optimizer_state_dict(model, optimizer,
                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not osd:
@@ -155,8 +154,6 @@ class Sharding:
 
     def load_full_optimizer_state(self, model: nn.Module, optimizer, osd: dict) -> None:
         """Load an integer-keyed full optimizer state (every rank reads the same file) into the sharded optimizer."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         names = [name for name, _ in model.named_parameters()]
         state = {names[i]: {k: (v.reshape(1) if names[i] in self.scalars and torch.is_tensor(v) and v.dim() == 0
                                 and k != "step" else v) for k, v in s.items()}
@@ -176,8 +173,6 @@ class Sharding:
 
     def save_state(self, gathered: "Gathered", parts, data, out_dir: Path) -> None:
         """The ``accelerate/`` folder of a checkpoint, file for file what ``accelerator.save_state`` writes for ddp."""
-        from accelerate.checkpointing import save_accelerator_state, save_custom_state
-
         acc = self.accelerator
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_accelerator_state(str(out_dir), [{k: v.contiguous() for k, v in gathered.model.items()}],
@@ -189,14 +184,10 @@ class Sharding:
 
     def load_state(self, parts, data, in_dir: Path) -> None:
         """Inverse of ``save_state`` (reads a ddp run's folder too): every rank reads the full files, keeps its shard."""
-        from accelerate.checkpointing import load_accelerator_state, load_custom_state
-        from accelerate.utils import load
-        from safetensors.torch import load_file
-
         acc, in_dir = self.accelerator, Path(in_dir)
         self.load_full_state(parts.raw_model, load_file(str(in_dir / "model.safetensors")))
         self.load_full_optimizer_state(parts.raw_model, parts.optimizer.optimizer,
-                                       load(in_dir / "optimizer.bin", map_location="cpu"))
+                                       accelerate.utils.load(in_dir / "optimizer.bin", map_location="cpu"))
         # The schedule, loader sampler, scaler and this rank's RNG streams, as accelerator.load_state reads them.
         override = load_accelerator_state(str(in_dir), [], [], [parts.scheduler], [data.loader], acc.process_index,
                                           acc.scaler)
@@ -210,8 +201,6 @@ class Sharding:
     # ----------------------------------------------------------------------------------- sampling
     def plain_ema(self, parts, cfg) -> Optional[nn.Module]:
         """An unsharded copy of the EMA on the main process (None elsewhere), for the sample grid."""
-        from ..registry import build_model
-
         sd = self.full_state(parts.ema)
         if not self.accelerator.is_main_process:
             return None

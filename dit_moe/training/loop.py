@@ -8,16 +8,19 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, save_config, validate
+from ..config import ExperimentConfig, save_config
 from ..diffusion import build_objective
 from ..errors import TrainingInterrupted
+from ..sampling.grid import training_grid
+from ..validation import validate
 from .checkpointing import Checkpointer
 from .metrics import Logbook, RunningMeans, check_replicas, trim_metrics
 from .resume import check_init_from, choose_checkpoint, restore, resume_request
 from .rundir import RunFolder
 from .setup import (Parts, build_parts, describe_run, ema_decay_at, flat_config, make_accelerator, micro_batches,
-                    open_data, update_ema)
+                    open_data, process_count, update_ema)
 from .stop import StopSignals, agreed_signal, on_main
 
 logger = logging.getLogger("dit_moe.train")
@@ -34,13 +37,10 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
     data, TrainingDivergedError on a non-finite loss, TrainingInterrupted after SIGTERM/SIGINT (a checkpoint
     has been written).
     """
-    from tqdm.auto import tqdm
-
     t = cfg.train
-    validate(cfg)                                                # every config problem at once, nothing written
+    validate(cfg, num_processes=process_count())                 # every config problem at once, nothing written
     request = resume_request(cfg, resume)
     accelerator = make_accelerator(cfg, request.run_dir)
-    validate(cfg, num_processes=accelerator.num_processes)
     data = open_data(cfg, accelerator)                           # the data fits the model: still nothing written
     check_init_from(cfg, request)
     with RunFolder(request.run_dir, accelerator) as run:         # created, locked, logging to log.txt
@@ -90,7 +90,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
                         meter.check(state.step)                  # nothing is saved after a fault
                         ckpts.save("periodic")
                     if t.sample_every and state.step % t.sample_every == 0 and state.step < t.steps:
-                        sample_grid(cfg, parts, data.info, run.dir, accelerator)
+                        write_ema_grid(cfg, parts, data.info, run.dir, accelerator)
 
                     # ----- stop requests: all ranks agree on the step they stop at
                     signum = agreed_signal(stop, accelerator)
@@ -104,7 +104,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None) -> Path:
                 # ----- the end
                 meter.check(state.step)
                 ckpts.save_once("final")
-                sample_grid(cfg, parts, data.info, run.dir, accelerator)
+                write_ema_grid(cfg, parts, data.info, run.dir, accelerator)
                 check_replicas(accelerator, parts, run.dir)
                 logger.info(f"done: {state.step} steps in {time.perf_counter() - logbook.t_start:.1f} s; "
                             f"run folder {run.dir}")
@@ -165,15 +165,13 @@ def train_step(parts: Parts, objective, batches: Iterator, meter: RunningMeans, 
 #                                            EMA sample grid
 # ---------------------------------------------------------------------------------------------------------
 
-def sample_grid(cfg: ExperimentConfig, parts: Parts, info, run_dir: Path, accelerator) -> None:
+def write_ema_grid(cfg: ExperimentConfig, parts: Parts, info, run_dir: Path, accelerator) -> None:
     """EMA samples of up to 10 classes -> samples/step-XXXXXXX.png (main process), RNG-isolated.
 
     The one place training draws samples; dit_moe.sampling.training_grid goes through the inference path.
     """
     ema = parts.ema if parts.sharding is None else parts.sharding.plain_ema(parts, cfg)   # fsdp: gathered
     if accelerator.is_main_process:
-        from ..sampling import training_grid
-
         r = training_grid(ema, cfg, info, accelerator.device,
                           run_dir / "samples" / f"step-{parts.state.step:07d}.png")
         s = r["settings"]

@@ -20,8 +20,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from accelerate.utils import gather_object
 
 from ..errors import DataError, TrainingDivergedError, TrainingError
+from ..models import moe
 from .stop import any_rank
 
 logger = logging.getLogger("dit_moe.train")
@@ -200,7 +202,6 @@ def routing_metrics(model: nn.Module) -> dict:
     """
     if not model.arch.is_moe:
         return {}
-    from ..models import moe
 
     stats = moe.routing_stats(model)
     if not stats:
@@ -251,8 +252,6 @@ def digest(named_tensors) -> str:
 
 def check_replicas(accelerator, parts, run_dir: Path) -> None:
     """Write replicas.json: digests of the model, EMA and router buffers of every rank, and whether they agree."""
-    from accelerate.utils import gather_object
-
     world = accelerator.num_processes
     if world == 1:
         return

@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from tqdm.auto import tqdm
+
 from ..config import ExperimentConfig
 from ..errors import RunLockedError, TrainingError
 from .stop import on_main
@@ -39,6 +41,7 @@ LOCK_FILE = "run.lock"
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
+    """The run folder name when ``train.run_name`` is None: ``<model name>-<routing.type>`` ('/' -> '-')."""
     return f"{cfg.model.name.replace('/', '-')}-{cfg.routing.type}"
 
 
@@ -208,7 +211,6 @@ class _TqdmHandler(logging.Handler):
     """Log lines that do not break the progress bar."""
 
     def emit(self, record):
-        from tqdm.auto import tqdm
         try:
             tqdm.write(self.format(record))
         except Exception:

@@ -6,6 +6,7 @@ so a mistake there leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import random
@@ -15,9 +16,16 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from ..config import ConfigError, ExperimentConfig
+from ..data import build_dataset
+from ..weights.init_from import load_init_weights
+from ..models import moe as moe_module
+from ..models.compile import compile_blocks
+from ..registry import build_model, count_params
 
 logger = logging.getLogger("dit_moe.train")
 
@@ -150,13 +158,15 @@ class TrainState:
 #                                            Accelerator and data
 # ---------------------------------------------------------------------------------------------------------
 
+def process_count() -> int:
+    """The number of processes of this launch, before the Accelerator exists (so that the config, whose global batch
+    must divide by it, is validated before any object is built from it): Accelerate's shared state, the one the
+    Accelerator of ``make_accelerator`` joins (same ``cpu`` choice)."""
+    return PartialState(cpu=not torch.cuda.is_available()).num_processes
+
+
 def make_accelerator(cfg: ExperimentConfig, run_dir: Path):
     """The run's Accelerator (creates no folder)."""
-    import importlib.util
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
-
     t = cfg.train
     if t.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.tracker=wandb but the wandb package is not installed (pip install wandb), "
@@ -192,8 +202,6 @@ class Data:
 
 def open_data(cfg: ExperimentConfig, accelerator) -> Data:
     """The dataset, checked against the model, and its (seed, epoch)-ordered loader. Writes nothing."""
-    from ..data import build_dataset
-
     t, world = cfg.train, accelerator.num_processes
     flip = cfg.data.flip if cfg.data.source == "latents" else None   # digits: a mirrored digit is another glyph
     dataset, info = build_dataset(cfg.data.source, cfg.data.path, flip=flip)
@@ -261,8 +269,6 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
     init_from: a checkpoint whose weights both model and EMA start from (``train.init_from``, fresh runs only:
     a resume loads its own state, and must not depend on the source still existing).
     """
-    from ..registry import build_model
-
     t, world, rank, device = cfg.train, accelerator.num_processes, accelerator.process_index, accelerator.device
     seed_everything(t.seed)
     model = build_model(cfg)
@@ -271,8 +277,6 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
     ema = build_model(cfg)
     ema.load_state_dict(model.state_dict())
     if init_from is not None:                # after build_model, before prepare: every rank loads the same weights
-        from ..weights.init_from import load_init_weights
-
         src = load_init_weights(model, ema, init_from)
         logger.info(f"train.init_from: model and EMA start from the weights of {src.path} (step {src.step} of "
                     f"{src.model_config.name}); optimizer, schedule and step start afresh")
@@ -283,7 +287,7 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
 
     sharding = None
     if t.strategy == "fsdp" and world > 1:   # one process has nothing to shard: it trains as ddp does
-        from .fsdp import Sharding
+        from .fsdp import Sharding   # not at the top: FSDP2 and torch.distributed load only for a sharded run
 
         sharding = Sharding(accelerator)
         model = sharding.shard(model.to(device))   # before the optimizer: it must see the sharded parameters
@@ -292,7 +296,6 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
     elif t.strategy == "fsdp":
         logger.info("train.strategy=fsdp on one process: nothing to shard, the model trains unsharded")
     if t.compile:                            # in place: parameter names, state dicts and checkpoints unchanged
-        from ..models.compile import compile_blocks
         compile_blocks(model)
     optimizer = build_optimizer(model.parameters(), t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(t))
@@ -307,9 +310,7 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
     else:                                    # the model must not be DDP-wrapped; fsdp.py writes the same files
         optimizer, data.loader, scheduler = accelerator.prepare(optimizer, data.loader, scheduler)
         model = sharding.with_autocast(model)
-    moe = None
-    if raw_model.arch.is_moe:
-        from ..models import moe
+    moe = moe_module if raw_model.arch.is_moe else None
     all_reduce = (lambda x: accelerator.reduce(x, "sum")) if world > 1 else None
     return Parts(model, raw_model, ema, optimizer, scheduler, state, moe, all_reduce, sharding)
 
@@ -338,8 +339,6 @@ def seed_everything(seed: int) -> None:
 
 def describe_run(cfg: ExperimentConfig, parts: Parts, data: Data, accelerator, run_dir: Path) -> list[str]:
     """The lines the log starts with: model, routing, data, optimisation."""
-    from ..registry import count_params
-
     t, model, info = cfg.train, parts.raw_model, data.info
     c = count_params(cfg)
     arch = model.arch

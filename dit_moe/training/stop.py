@@ -12,6 +12,7 @@ import threading
 from typing import Callable, Optional, TypeVar
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from ..errors import DitMoeError, TrainingError
 
@@ -69,7 +70,6 @@ def on_main(accelerator, fn: Callable[..., T], *args) -> T:
     """
     if accelerator.num_processes == 1:
         return fn(*args)
-    from accelerate.utils import broadcast_object_list
 
     payload = [None, None, None]        # result, error class, message
     failure = None
