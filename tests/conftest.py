@@ -9,3 +9,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)    # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Scheduling under pytest-xdist (`make test`: -n 2 --dist loadgroup); without xdist the marks change nothing.
+
+    * Tests marked ``multiprocess`` start two or more processes (torchrun, gloo groups, `study --jobs 2`). They all go
+      to one xdist group, so one worker runs them one after another: two launches never race for the same two
+      cores (a rank starved while its peer waits in a collective only makes the test slow or time out), and each
+      launch's processes meet at most one other test process on the machine.
+    * A module whose module-scoped fixture is expensive goes to a group of its own (``pytestmark`` in the module):
+      xdist would otherwise split its tests over both workers and each worker would build the fixture again.
+    xdist orders the groups by their number of tests, largest first, so these long groups start at once and the
+    single tests fill the other worker around them.
+    """
+    for item in items:
+        if item.get_closest_marker("multiprocess"):
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.multiprocess       # every launch is torchrun with two ranks (tests/conftest.py)
 
 # `dit-moe train`'s own entry: a rank that sharded a model ends there without interpreter teardown (dit_moe/cli.py).
 SCRIPT = textwrap.dedent("""
