@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("multiprocess"):
             item.add_marker(pytest.mark.xdist_group("multiprocess"))
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """test_train_fsdp's experiment under train.strategy=ddp on two torchrun ranks, launched once per test run: the
+    run folder (6 steps, checkpoints at 3 and 6). test_train_distributed checks its replicas and files;
+    test_train_fsdp compares the FSDP run with it and resumes it under fsdp. Tests only read it."""
+    from test_train_fsdp import launch
+
+    return launch(tmp_path_factory.mktemp("ddp"), "ddp", "ddp")
