@@ -13,6 +13,13 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+# Modules whose tests take tens of seconds each (pytest --durations, 2026-12-07). Under xdist each is one group, and
+# xdist starts the groups with the most tests first: these begin early, and the short tests fill the other worker
+# around them instead of a long test running alone at the end.
+LONG_MODULES = {"test_compile.py", "test_gpu_check.py", "test_install.py", "test_study.py", "test_study_v2.py",
+                "test_training.py"}
+
+
 @pytest.hookimpl(tryfirst=True)    # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Scheduling under pytest-xdist (`make test`: -n 2 --dist loadgroup); without xdist the marks change nothing.
@@ -21,14 +28,15 @@ def pytest_collection_modifyitems(config, items):
       to one xdist group, so one worker runs them one after another: two launches never race for the same two
       cores (a rank starved while its peer waits in a collective only makes the test slow or time out), and each
       launch's processes meet at most one other test process on the machine.
-    * A module whose module-scoped fixture is expensive goes to a group of its own (``pytestmark`` in the module):
-      xdist would otherwise split its tests over both workers and each worker would build the fixture again.
-    xdist orders the groups by their number of tests, largest first, so these long groups start at once and the
-    single tests fill the other worker around them.
+    * A module whose module-scoped fixture is expensive is a group of its own (``pytestmark`` in the module): xdist
+      would otherwise split its tests over both workers and each worker would build the fixture again.
+    * The other tests of LONG_MODULES: one group per module (above).
     """
     for item in items:
         if item.get_closest_marker("multiprocess"):
             item.add_marker(pytest.mark.xdist_group("multiprocess"))
+        elif item.path.name in LONG_MODULES and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(scope="session")
