@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m dit_moe demo
 
+# Two pytest workers (pytest-xdist): one per core of a laptop or a CI runner. --dist loadgroup keeps the tests of one
+# xdist_group on one worker (tests/conftest.py: the multi-process tests, and modules sharing an expensive fixture).
+# TEST_WORKERS=auto uses every core; TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The pictures the README shows, regenerated from the demo run (runs/default).
 assets: demo

@@ -9,3 +9,41 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+# Modules whose tests take tens of seconds each (pytest --durations, 2026-12-07). Under xdist each is one group, and
+# xdist starts the groups with the most tests first: these begin early, and the short tests fill the other worker
+# around them instead of a long test running alone at the end.
+LONG_MODULES = {"test_compile.py", "test_gpu_check.py", "test_install.py", "test_study.py", "test_study_v2.py",
+                "test_training.py"}
+
+
+@pytest.hookimpl(tryfirst=True)    # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Scheduling under pytest-xdist (`make test`: -n 2 --dist loadgroup); without xdist the marks change nothing.
+
+    * Tests marked ``multiprocess`` start two or more processes (torchrun, gloo groups, `study --jobs 2`). They all go
+      to one xdist group, so one worker runs them one after another: two launches never race for the same two
+      cores (a rank starved while its peer waits in a collective only makes the test slow or time out), and each
+      launch's processes meet at most one other test process on the machine.
+    * A module whose module-scoped fixture is expensive is a group of its own (``pytestmark`` in the module): xdist
+      would otherwise split its tests over both workers and each worker would build the fixture again.
+    * The other tests of LONG_MODULES: one group per module (above).
+    """
+    for item in items:
+        if item.get_closest_marker("multiprocess"):
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+        elif item.path.name in LONG_MODULES and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """test_train_fsdp's experiment under train.strategy=ddp on two torchrun ranks, launched once per test run: the
+    run folder (6 steps, checkpoints at 3 and 6). test_train_distributed checks its replicas and files;
+    test_train_fsdp compares the FSDP run with it and resumes it under fsdp. Tests only read it."""
+    from test_train_fsdp import launch
+
+    return launch(tmp_path_factory.mktemp("ddp"), "ddp", "ddp")

@@ -192,6 +192,7 @@ def test_compiled_run_resumes_bit_exactly_and_tracks_the_eager_run(tmp_path, mon
     assert la.keys() == le.keys() and all(abs(la[s] - le[s]) <= 1e-4 * abs(le[s]) for s in la), (la, le)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_with_compiled_blocks_keep_replicas_identical(tmp_path):
     """DDP (torchrun, gloo) around compiled blocks: gradients are all-reduced and router state stays identical.
     32 images per rank: the shapes of the resume test above, so inductor finds these graphs in its cache."""

@@ -4,6 +4,7 @@
 The fresh venv gets the wheel alone (--no-deps); its dependencies come from this test environment through a path
 line, so nothing is downloaded and no file of the checkout is importable from it."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,8 +24,14 @@ def _run(cmd, cwd, env):
 def test_wheel_runs_train_and_demo_outside_the_repository(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # The wheel is built from a copy of what it packages: the build writes build/ and *.egg-info beside
+    # pyproject.toml, and a test writes nothing into the checkout (another worker may be reading it).
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "dit_moe", src / "dit_moe", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "wheel",
-          REPO], tmp_path, env)
+          src], tmp_path, env)
     wheel = next((tmp_path / "wheel").glob("dit_moe-*.whl"))
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path, env)

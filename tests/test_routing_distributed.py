@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORLD = 2
@@ -80,6 +81,7 @@ def _worker(rank: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_router_state_identical_across_two_ranks(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",

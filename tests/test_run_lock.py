@@ -167,6 +167,7 @@ def test_refused_run_via_train_py_process(tmp_path):
     assert after == before
 
 
+@pytest.mark.multiprocess
 def test_two_processes_refused_together(tmp_path):
     """torchrun with 2 ranks on a locked folder: the main rank is refused and the other rank learns it (no hang)."""
     run_dir = tmp_path / "run"

@@ -453,6 +453,7 @@ def test_cli_target_experts_reports_buckets(dtopp_ckpt, tmp_path, capsys):
     assert "t in [" in capsys.readouterr().out
 
 
+@pytest.mark.multiprocess
 def test_two_real_processes_match_one(ckpt, tmp_path):
     """torchrun with 2 CPU processes (gloo through Accelerate) writes the same npz as one process."""
     import socket

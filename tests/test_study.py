@@ -149,6 +149,7 @@ def test_study_config_goes_through_the_experiment_config_schema(tmp_path):
     assert spec.evaluation == study.EvalSpec() and spec.base.overrides == [] and spec.arms[0].description == ""
 
 
+@pytest.mark.multiprocess
 def test_sigterm_to_the_study_stops_its_workers_with_a_checkpoint(tmp_path):
     """`kill PID` of `dit-moe study --jobs 2` reaches the worker processes: both runs in flight checkpoint, the study
     exits with 128 + 15, and no worker is left training (a later invocation would find its run folder locked)."""

@@ -12,6 +12,10 @@ from dit_moe.study.config import SweepSpec
 
 from test_study_v2 import TINY, V2
 
+# The tests share the module fixture `recorded` (a study of three arms): one xdist worker runs them all, so it is
+# built once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("study_records")
+
 
 def _tiny(tmp_path, records=None, seeds=(0,)):
     spec = study.load_study(V2, TINY, output=str(tmp_path / "out"), records=str(records or tmp_path / "records"))

@@ -2,7 +2,8 @@
 
 One fsdp run of 6 steps (checkpoints at 3 and 6) is shared by the tests:
 * a copy of its folder cut back to step 3 and resumed ends bit-identical to it (weights, EMA, AdamW states);
-* a ddp run of the same experiment writes the same files with the same keys and shapes, and its step-3 weights agree
+* a ddp run of the same experiment (the ``ddp_run`` fixture of tests/conftest.py, which test_train_distributed
+  checks too) writes the same files with the same keys and shapes, and its step-3 weights agree
   with the fsdp run's to fp32 round-off (only the order of the gradient reductions differs);
 * the ddp checkpoint resumes under fsdp (the formats are one);
 * router buffers (DTop-p controller, Default MoE vectors, statistics) are identical on both ranks (replicas.json).
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.multiprocess       # every launch is torchrun with two ranks (tests/conftest.py)
 
 # `dit-moe train`'s own entry: a rank that sharded a model ends there without interpreter teardown (dit_moe/cli.py).
 SCRIPT = textwrap.dedent("""
@@ -111,8 +113,8 @@ def test_fsdp_resume_is_exact(fsdp_run, tmp_path):
     assert "resumed from" in (resumed / "log.txt").read_text()
 
 
-def test_fsdp_writes_the_ddp_files_and_ddp_resumes_under_fsdp(fsdp_run, tmp_path):
-    ddp = launch(tmp_path, "ddp", "ddp")
+def test_fsdp_writes_the_ddp_files_and_ddp_resumes_under_fsdp(fsdp_run, ddp_run, tmp_path):
+    ddp = ddp_run                         # this experiment under ddp (tests/conftest.py; test_train_distributed.py)
     files = lambda p: sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file())
     assert files(ckpt(ddp, 3)) == files(ckpt(fsdp_run, 3))
     d, groups_d = tensors(ckpt(ddp, 3))

@@ -25,6 +25,9 @@ from dit_moe.weights.checkpoint import CheckpointError, list_checkpoints, load_c
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
+# The tests share the module fixtures `straight` and `stopped_keep_2`: one xdist worker runs them all, so each is
+# trained once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("training_faults")
 
 
 def tiny(tmp_path, name, *overrides):
@@ -90,6 +93,13 @@ def straight(tmp_path_factory):
     """The uninterrupted run every recovered run must match bit for bit."""
     run = train(tiny(tmp_path_factory.mktemp("straight"), "straight"))
     return list_checkpoints(run)[-1]
+
+
+@pytest.fixture(scope="module")
+def stopped_keep_2(tmp_path_factory):
+    """A keep_last=2 run stopped by SIGTERM after step 4 (checkpoints 2 and 4), made once; tests damage a copy."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return stop_after(tiny(tmp_path_factory.mktemp("stopped"), "run", "train.keep_last=2"), 4, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,9 +276,10 @@ def _damage(f: Path, damage: str) -> None:
     ("ema.safetensors", "nan", "tensor 'final_layer.linear.weight' has 1 non-finite value"),
     ("config.json", "unknown-model", "invalid configuration: unknown model name 'DiT-Q/2'"),
 ])
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypatch, straight, bad_file, damage,
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, stopped_keep_2, straight, bad_file, damage,
                                                               reason):
-    run = stop_after(tiny(tmp_path, "run", "train.keep_last=2"), 4, monkeypatch)
+    run = tmp_path / "run"
+    shutil.copytree(stopped_keep_2, run)          # the same folder as stop_after(...) here would leave
     f = run / "checkpoints" / "step-0000004" / bad_file
     _damage(f, damage)
     resumed = train(tiny(tmp_path, "run", "train.keep_last=2"), resume="latest")
