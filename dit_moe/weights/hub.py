@@ -5,7 +5,7 @@
 
 The folder holds exactly three files, uploadable as it is:
 
-    config.json          the checkpoint description (dit_moe.checkpoint format): architecture and routing, the
+    config.json          the checkpoint description (dit_moe.weights.checkpoint format): architecture and routing, the
                          experiment (objective in ``diffusion``, sampling defaults in ``sample``, data, training),
                          data_info with the decoder reference (``vae``, scaling factor) and the class names,
                          meta.hub_export (source checkpoint, which weights, the run records used)
@@ -156,7 +156,7 @@ def _fmt(v) -> str:
 
 def model_card(ckpt, weights: str, repo_id: Optional[str], routing_record: Optional[dict],
                metrics: list[dict]) -> str:
-    """README.md of a Hub folder for checkpoint ``ckpt`` (dit_moe.checkpoint.Checkpoint)."""
+    """README.md of a Hub folder for checkpoint ``ckpt`` (dit_moe.weights.checkpoint.Checkpoint)."""
     cfg, routing, exp = ckpt.model_config, ckpt.routing_config, ckpt.experiment
     arch = parse_name(cfg.name)
     info = ckpt.data_info or {}
