@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from dit_moe import study
-from dit_moe.study.run import _prepare_reference
+from dit_moe.study.arm import reference_path
 from dit_moe.training import train
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     full_steps = study.arm_config(full, full.arm(name), full.seeds[0]).train.steps
 
     study.check_inputs(short)
-    _prepare_reference(short)
+    reference_path(short)
     if short.evaluation.extractor == "digits-cnn":
         from dit_moe.features import digits_classifier
         digits_classifier()           # cached once, outside the measured stages

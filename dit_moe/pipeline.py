@@ -1,5 +1,5 @@
 """The stages a run goes through, shared by `dit-moe demo` (dit_moe/demo.py) and the routing study's ``run_arm``
-(dit_moe/study/run.py): each stage is a function of objects (a config, a run folder, a bundle, settings).
+(dit_moe/study/arm.py): each stage is a function of objects (a config, a run folder, a bundle, settings).
 
     train_run             config -> its run folder, trained (or continued from its latest checkpoint)
     final_checkpoint      the run's checkpoint of its last step, if written

@@ -2,7 +2,6 @@
 upcycle; `dit-moe` and the old entry points alike) exits with code 2 and one line that names the key,
 file or value, before any work and without creating anything. Also: the config validation pass, the error base,
 FID of identical sets, 16-bit images in extraction."""
-import json
 import os
 import subprocess
 import sys

@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import dit_moe.models.moe as moe_mod
 from dit_moe.config import ModelConfig, RoutingConfig

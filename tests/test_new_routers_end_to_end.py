@@ -3,7 +3,6 @@ resume, the routing analysis and the study's overrides."""
 import json
 
 import pytest
-import torch
 
 from dit_moe import study
 from dit_moe.analyze import analyze_checkpoint

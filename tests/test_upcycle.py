@@ -11,7 +11,7 @@ from dit_moe.registry import build_model
 from dit_moe.weights.build import build_from_checkpoint
 from dit_moe.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dit_moe.weights.init_from import load_init_weights
-from dit_moe.weights.upcycle import UpcycleError, main, upcycle
+from dit_moe.weights.upcycle import main, upcycle
 
 TOL = 1e-12
 SMALL = dict(input_size=4, in_channels=4, num_classes=10)

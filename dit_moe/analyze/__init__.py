@@ -35,7 +35,6 @@ One file per job: ``trace`` (``trace_routing``: the trajectory, sampled with a `
 from .errors import AnalysisError
 from .cli import main
 from .curves import METRICS_FILE, read_metrics, plot_training_curves
-from .report import JSON_FILE, analyze_checkpoint, default_out_dir
 
 __all__ = [
     "AnalysisError",
@@ -47,3 +46,12 @@ __all__ = [
     "plot_training_curves",
     "main",
 ]
+
+
+def __getattr__(name: str):
+    # The checkpoint report (torch, the model, sampling) loads on first use: `dit-moe analyze --run` draws training
+    # curves from metrics.jsonl and never imports torch (tests/test_analyze.py holds it to that).
+    if name in ("JSON_FILE", "analyze_checkpoint", "default_out_dir"):
+        from . import report
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,8 @@ import argparse
 from typing import Optional, Sequence
 
 from ..checks import check_at_least, check_output_dir
+from ..cli import run_command
+from .curves import plot_training_curves
 from .errors import AnalysisError
 from ..sampling.flags import (add_checkpoint_arguments, add_class_arguments, add_sampler_arguments, check_sample_flags,
                               flag_overrides)
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> dict:
     check_output_dir("--out", args.out, AnalysisError)
     result = {"report": None, "curves": []}
     if args.checkpoint is not None:
-        from .report import analyze_checkpoint
+        from .report import analyze_checkpoint   # here: torch and the model load only for a checkpoint (not --run)
 
         check_at_least("--spatial-steps", args.spatial_steps, 1, AnalysisError)
         check_sample_flags(args)
@@ -56,8 +58,6 @@ def run(args: argparse.Namespace) -> dict:
         print(f"wrote {len(report['files'])} files to {report['out_dir']}: {', '.join(report['files'])}")
         result["report"] = report
     if args.run is not None:
-        from .curves import plot_training_curves
-
         files = plot_training_curves(args.run, out_dir=args.out)
         print(f"wrote {', '.join(str(f) for f in files)}")
         result["curves"] = files
@@ -65,6 +65,4 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import run_command
-
     return run_command("analyze", argv, prog="python -m dit_moe.analyze", label="analyze")

@@ -4,7 +4,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 __all__ = ["MAX_LAYER_GROUPS", "MAX_SPATIAL_ROWS"]   # _plot_checkpoint: analyze_checkpoint's figures
 
@@ -14,13 +17,8 @@ MAX_SPATIAL_ROWS = 6      # images in the spatial plot (one per class)
 
 def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kw):
     """A Figure on the Agg canvas (no pyplot state, no display needed) and its axes."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
+    if "matplotlib.pyplot" not in sys.modules:     # no one chose a backend yet: never a display one
         matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)

@@ -11,15 +11,23 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
+
+import dataclasses
 
 import numpy as np
+import torch
 
+from ..data import to_uint8
+from ..inference import InferenceError, load
+from ..models.moe import moe_layers
+from ..models.routers import DTopPRouter
+from ..models.routing_tap import stats_from_sums
+from ..registry import parse_name
+from ..sampling import FLAGS, SCHEDULE, SamplingError, resolve_settings
 from .errors import AnalysisError
 from .plots import MAX_SPATIAL_ROWS, _plot_checkpoint
-
-if TYPE_CHECKING:  # torch is imported where it is used: `--run` (training curves) never loads it
-    import torch
+from .trace import trace_routing
 
 __all__ = ["JSON_FILE", "default_out_dir", "analyze_checkpoint"]
 
@@ -35,8 +43,6 @@ def default_out_dir(checkpoint: str | Path) -> Path:
 
 
 def _pick_classes(classes, num_classes: int, seed: int, where: str, names: Sequence[str] = ()) -> list[int]:
-    import torch
-
     if classes is not None:
         lookup = {str(n).split(",")[0].strip(): i for i, n in enumerate(names)}
         lookup.update({str(n): i for i, n in enumerate(names)})
@@ -78,15 +84,6 @@ def analyze_checkpoint(
     (guidance_interval, time_shift, guidance_channels, ...) may be given as a keyword. Writes the PNGs listed in
     the module docstring and ``analysis.json`` into ``out_dir`` (default ``default_out_dir``) and returns the JSON.
     """
-    import dataclasses
-
-    import torch
-
-    from ..data import to_uint8
-    from ..inference import InferenceError, load
-    from ..registry import parse_name
-    from ..sampling import FLAGS, SamplingError, resolve_settings
-
     if num_per_class < 1 or batch_size < 1 or spatial_steps < 1 or num_buckets < 1:
         raise AnalysisError("num_per_class, batch_size, spatial_steps and num_buckets must be >= 1")
 
@@ -116,8 +113,6 @@ def analyze_checkpoint(
     labels = torch.tensor([c for c in class_ids for _ in range(num_per_class)], dtype=torch.long)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(ckpt.path)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    from .trace import trace_routing
 
     trace = trace_routing(bundle, labels, settings, seed=seed, batch_size=batch_size, num_buckets=num_buckets)
     images = None
@@ -154,8 +149,6 @@ def _f(x) -> list:
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor, dims) -> torch.Tensor:
     """Mean of ``values`` over ``dims`` where ``valid``; NaN where nothing is valid."""
-    import torch
-
     v = torch.where(valid, values, torch.zeros_like(values)).sum(dims)
     n = valid.to(torch.float64).sum(dims)
     return torch.where(n > 0, v / n.clamp(min=1), torch.full_like(v, float("nan")))
@@ -163,23 +156,12 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor, dims) -> torch.Tenso
 
 def _mean_active(sums: torch.Tensor, E: int) -> torch.Tensor:
     """Tap sums (..., S) -> mean routed experts per token (...), NaN where no token was counted."""
-    import torch
-
-    from ..models.routing_tap import stats_from_sums
-
     stats = stats_from_sums(sums, E)
     return torch.where(stats["tokens"] > 0, stats["mean_active"], torch.full_like(stats["mean_active"], float("nan")))
 
 
 def _summarize(trace, model, ckpt, arch, settings, class_ids, names, labels, seed, num_per_class,
                num_buckets, spatial_steps) -> dict:
-    import torch
-
-    from ..models.moe import moe_layers
-    from ..models.routers import DTopPRouter
-    from ..models.routing_tap import stats_from_sums
-    from ..sampling import SCHEDULE
-
     E = trace["num_experts"]
     calls, classes, buckets = trace["call_sums"], trace["class_sums"], trace["bucket_sums"]   # (S | C+1 | K, L, .)
     ts = torch.tensor(trace["timesteps"])

@@ -140,7 +140,7 @@ def load_decoder(info: DataInfo, device: str | torch.device = "cpu", vae: str | 
 
         return decode_identity
 
-    from diffusers.models import AutoencoderKL
+    from diffusers.models import AutoencoderKL   # here, not at the top: diffusers takes seconds to import
 
     model = AutoencoderKL.from_pretrained(vae).to(device).eval()
     model.requires_grad_(False)

@@ -36,11 +36,11 @@ Several runs can go in parallel on one machine (``--jobs N``: N worker processes
 Under ``accelerate launch`` (one process per GPU) every run uses all processes (``--jobs`` must be 1); the probe,
 calibration, analysis and bookkeeping happen on the main process.
 
-One file per job: ``config`` (the typed schema, ``load_study``, ``arm_config``), ``run`` (arms x seeds, resumable,
-worker processes, calibration, timing; each run through ``dit_moe.pipeline``'s stages), ``probe`` (the routing probe
-and Top-p calibration on fixed noisy training inputs), ``sweep`` and ``readouts`` (read-outs of a finished run),
-``records``, ``paired`` (per-seed statistics), ``report`` (aggregate, tables, plots)
-and ``cli``.
+One file per job: ``config`` (the typed schema, ``load_study``, ``arm_config``), ``arm`` (one run through
+``dit_moe.pipeline``'s stages, and its record), ``run`` (arms x seeds, resumable, worker processes, calibration,
+timing), ``probe`` (the routing probe and Top-p calibration on fixed noisy training inputs), ``sweep`` and
+``readouts`` (read-outs of a finished run), ``records``, ``paired`` (per-seed statistics), ``report`` (aggregate,
+tables, plots) and ``cli``.
 """
 from .cli import main
 from .config import (CALIBRATION_FILE, RESULT_FILE, ArmSpec, BaseSpec, CalibrationSpec, ComparisonSpec, EvalSpec,
@@ -49,7 +49,8 @@ from .config import (CALIBRATION_FILE, RESULT_FILE, ArmSpec, BaseSpec, Calibrati
 from .paired import compare_arms, interaction, paired_stats, sign_test, t_quantile
 from .report import STAT_KEYS, aggregate, paired_tables, plot_study, results_table, write_report
 from .probe import calibrate_topp_threshold, probe_inputs, probe_routing
-from .run import check_inputs, report_study, run_arm, run_study, summarize_run, time_arms
+from .arm import run_arm, summarize_run
+from .run import check_inputs, report_study, run_study, time_arms
 
 __all__ = [
     "StudyError",

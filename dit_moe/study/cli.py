@@ -13,15 +13,16 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..cli import add_device_argument
-from .config import StudyError
+from ..checks import check_output_dir
+from ..cli import add_device_argument, run_command
+from . import __doc__ as package_doc
+from .config import StudyError, load_study
+from .run import report_study, run_study
 
 __all__ = ["add_arguments", "run", "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import __doc__ as package_doc
-
     p.description = package_doc.split("\n")[0]
     p.epilog = __doc__.split("\n\n")[1]
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -41,10 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Load the study, run what is not finished, write the report; returns the summary (results.json)."""
-    from ..checks import check_output_dir
-    from .config import load_study
-    from .run import report_study, run_study
-
     check_output_dir("--plots-dir", args.plots_dir, StudyError)
     study = load_study(args.config, args.overrides, args.output, args.records)
     if args.seeds:
@@ -62,6 +59,4 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import run_command
-
     return run_command("study", argv, prog="python -m dit_moe.study", label="study")

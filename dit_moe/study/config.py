@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 from ..config import (SAMPLERS, ConfigError, DiffusionConfig, ExperimentConfig, apply_overrides, from_dict,
                       find_config, load_config, read_yaml, shipped_configs)
 from ..errors import DitMoeError
+from ..registry import parse_name
 
 __all__ = ["StudyError", "BaseSpec", "CalibrationSpec", "ArmSpec", "EvalSpec", "InteractionSpec", "ComparisonSpec",
            "SweepSpec", "StudyFile", "StudyConfig", "RESULT_FILE", "CALIBRATION_FILE", "TIMING_FILE",
@@ -320,8 +321,6 @@ def load_study(path: str | Path, overrides: Sequence[str] = (), output: Optional
 
 
 def _check_sweep_arm(study: StudyConfig, arm: ArmSpec, cfg: ExperimentConfig) -> None:
-    from ..registry import parse_name
-
     sw, where = study.sweep, f"{study.path}: sweep.arms: arm {arm.name!r}"
     num_experts = parse_name(cfg.model.name).num_experts
     if cfg.routing.type == "dtopp":

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+from scipy.stats import binomtest, t
+
 __all__ = ["PAIRED_METRICS", "t_quantile", "sign_test", "paired_stats", "compare_arms", "interaction", "interval_text",
            "better_text", "statement", "interaction_statement"]
 
@@ -35,16 +37,12 @@ PAIRED_METRICS = {
 
 def t_quantile(q: float, dof: int) -> float:
     """The q-quantile of Student's t with ``dof`` degrees of freedom (scipy: a declared dependency)."""
-    from scipy.stats import t
-
     return float(t.ppf(q, dof))
 
 
 def sign_test(diffs: Sequence[float], better: str) -> dict:
     """Seeds where the arm is better / worse / tied, and the two-sided exact binomial p of better vs worse (ties
     dropped, the usual convention; p = 1 when every seed ties)."""
-    from scipy.stats import binomtest
-
     wins = sum(1 for d in diffs if (d < 0 if better == "lower" else d > 0))
     losses = sum(1 for d in diffs if (d > 0 if better == "lower" else d < 0))
     ties = len(diffs) - wins - losses

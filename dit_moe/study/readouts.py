@@ -142,7 +142,7 @@ def plot_sweep(sweep: dict, out_dir: Path) -> Optional[Path]:
     """compute_quality.png: FID and accuracy against the measured activated experts, one line per arm."""
     if not sweep:
         return None
-    import matplotlib
+    import matplotlib     # pyplot here, after choosing Agg: importing it at the top would fix the caller's backend
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -177,7 +177,7 @@ def plot_layers(layers: dict, out_dir: Path) -> Optional[Path]:
     """active_per_layer.png: activated experts per MoE layer at the end of training and while sampling."""
     if not layers:
         return None
-    import matplotlib
+    import matplotlib     # pyplot here, after choosing Agg: importing it at the top would fix the caller's backend
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

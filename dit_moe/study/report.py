@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ..config import load_config
+from ..registry import parse_name
 from .config import CALIBRATION_FILE, StudyConfig, arm_objective
 from .paired import (PAIRED_METRICS, better_text, compare_arms, interaction, interaction_statement, interval_text,
                      statement)
@@ -34,8 +35,6 @@ def _mean_std(values) -> tuple[Optional[float], Optional[float]]:
 
 def aggregate(study: StudyConfig, runs: list[dict], timing: Optional[dict] = None) -> dict:
     """Per arm: mean and std (across seeds, ddof 1) of every STAT_KEYS entry, plus the per-run records."""
-    from ..registry import parse_name
-
     arms = {}
     for arm in study.arms:
         mine = [r for r in runs if r.get("arm") == arm.name]
@@ -168,7 +167,7 @@ def _smooth_mean(curves: list[tuple[list, list]]):
 def plot_study(summary: dict, out_dir: Path) -> list[Path]:
     """loss_curves.png, active_experts.png, fid.png, sampling_experts.png (means over seeds, bands = ±1 std) and,
     with a baseline, paired.png (per-seed differences against it with the paired interval)."""
-    import matplotlib
+    import matplotlib     # pyplot here, after choosing Agg: importing it at the top would fix the caller's backend
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

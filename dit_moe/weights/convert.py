@@ -63,6 +63,7 @@ from ..data import DataInfo
 from ..registry import parse_name
 from .checkpoint import EMA_FILE, is_checkpoint, load_checkpoint, save_checkpoint
 from .export import export_diffusers
+from .hub import export_hub
 from .layouts import (check_state, detect_layout, diffusers_model_config, diffusers_to_dit_moe, dit_to_dit_moe,
                       infer_dit_config, module_from_state)
 from .outputs import ConvertError, one_line, prepare_output
@@ -384,7 +385,6 @@ def run(args: argparse.Namespace) -> Path:
     if Path(args.out).resolve() == Path(args.source).resolve():
         raise ConvertError(f"--out {args.out} is the source itself")
     if args.to == "hub":
-        from .hub import export_hub
         out = export_hub(args.source, args.out, weights="ema" if args.weights == "ema" else "raw",
                          overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,
                          metrics_json=args.metrics_json)
