@@ -173,6 +173,16 @@ class DiffusionConfig:
     time_shift: float = 1.0           # flow: shift of the training t and of the default sampling grid
 
 
+def objective_problem(objective: str, learn_sigma: bool) -> Optional[str]:
+    """What is wrong with a model of ``learn_sigma`` trained with ``objective`` (None: nothing); the one statement
+    of this rule, checked by ``dit_moe.validation.validate`` and by ``dit_moe.diffusion.build_objective`` (a
+    checkpoint's config)."""
+    if objective == "flow" and learn_sigma:
+        return ("diffusion.objective=flow needs model.learn_sigma=false (a flow model predicts a velocity with C "
+                "output channels; there is no variance to learn)")
+    return None
+
+
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

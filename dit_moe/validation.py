@@ -14,16 +14,7 @@ import os
 import shutil
 from typing import Optional
 
-from .config import ALL_SAMPLERS, SAMPLERS, ConfigError, ExperimentConfig, SampleConfig
-
-
-def objective_problem(objective: str, learn_sigma: bool) -> Optional[str]:
-    """What is wrong with a model of ``learn_sigma`` trained with ``objective`` (None: nothing); the one statement
-    of this rule, checked by ``validate`` and by ``dit_moe.diffusion.build_objective`` (a checkpoint's config)."""
-    if objective == "flow" and learn_sigma:
-        return ("diffusion.objective=flow needs model.learn_sigma=false (a flow model predicts a velocity with C "
-                "output channels; there is no variance to learn)")
-    return None
+from .config import ALL_SAMPLERS, SAMPLERS, ConfigError, ExperimentConfig, SampleConfig, objective_problem
 
 
 def sample_problems(s: SampleConfig, objective: Optional[str], in_channels: Optional[int] = None,

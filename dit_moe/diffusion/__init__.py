@@ -33,8 +33,7 @@ from __future__ import annotations
 
 from typing import Union
 
-from ..config import ConfigError, DiffusionConfig, ExperimentConfig
-from ..validation import objective_problem
+from ..config import ConfigError, DiffusionConfig, ExperimentConfig, objective_problem
 from .ddpm import (DDPMObjective, GaussianDiffusion, approx_standard_normal_cdf, discretized_gaussian_log_likelihood,
                    linspace_timesteps, mean_flat, normal_kl)
 from .flow import TIMESTEP_SCALE, RectifiedFlow, shift_time, time_grid
@@ -61,7 +60,7 @@ Objective = Union[DDPMObjective, RectifiedFlow]
 def build_objective(cfg: ExperimentConfig | DiffusionConfig, learn_sigma: bool) -> Objective:
     """The objective of an experiment (its ``diffusion`` section) for a model with/without learned sigma.
 
-    Raises ConfigError for diffusion.objective=flow with model.learn_sigma=true (``validation.objective_problem``).
+    Raises ConfigError for diffusion.objective=flow with model.learn_sigma=true (``config.objective_problem``).
     """
     d = cfg if isinstance(cfg, DiffusionConfig) else cfg.diffusion
     problem = objective_problem(d.objective, learn_sigma)
