@@ -28,6 +28,10 @@ the checkpoint's sampling defaults. ``guidance_scale`` 1 runs the conditional ha
 Noise. As in diffusers, a list of generators (one per image) draws each image's noise from its own generator; with
 ``generator=[torch.Generator().manual_seed(s) for s in dit_moe.sampling.loop seeds]`` (``make_generators``) the
 pipeline reproduces ``dit-moe sample`` image for image (tests/test_diffusers_moe.py states the tolerance).
+
+Layering: the one module of weights/ that reaches up, to ``dit_moe.inference.load`` and the sampling settings, so
+that the pipeline is built from the same bundle and defaults ``dit-moe sample`` uses instead of a second reading of
+them. Saved pipelines name this module in ``model_index.json``: it must stay at this path.
 """
 from __future__ import annotations
 
