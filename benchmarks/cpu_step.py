@@ -162,7 +162,8 @@ def main() -> None:
     for n in names:
         rc = "1.00" if n == "dense" else f"{med(ratios(cpu, n)):.3f}"
         rw = "1.00" if n == "dense" else f"{med(ratios(wall, n)):.3f}"
-        print(f"| {n} | {params[n] / 1e6:.1f}M | {active.get(n, '-')} | {med(cpu[n]):.0f} | {med(wall[n]):.0f} | {rc} | {rw} |")
+        print(f"| {n} | {params[n] / 1e6:.1f}M | {active.get(n, '-')} | {med(cpu[n]):.0f} | {med(wall[n]):.0f} "
+              f"| {rc} | {rw} |")
     out = {"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
            "load_avg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__,
            "mean_active": active,
