@@ -24,7 +24,11 @@ dense 8D MLP with Top-k, 1.028x with Top-k's selection listed through ``from_mas
 experts per token) and 1.026x with expert choice; the profiles list the same ops. In this benchmark, though, DTop-p
 activates fewer experts each step: 1.99 at the first step, 1.75 by the twelfth (its DRN and entropy terms sharpen
 the router on the repeated batch faster than the controller follows), so its step does about 10% less expert work,
-which is the 7-8% of the step that separated the two figures.
+which is the 7-8% of the step that separated the two figures. What the MoE step costs beyond dense is not the
+router's: the inactive experts' share of AdamW, EMA and clipping (132M parameters against 47M, about 2.5% of the
+step) and the dispatch (about 3% of the MLP). Three runs of ``--routers topk,dtopp,topp,expert_choice`` on the shared
+2-core machine that day (another job beside them) gave Top-k 1.031, 1.049, 1.091 and expert choice 1.074, 1.059,
+1.094: the run-to-run spread is as large as the gap to 1.05.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ experts get no token from it); "all_skewed" (every process picks the first shard
 row at all and their experts' gradients are zero). Expert choice cannot be skewed (each expert takes C tokens of
 every image), so it runs the same batches with every process receiving rows from every process.
 """
+import copy
 import multiprocessing
 import os
 import socket
@@ -119,6 +120,10 @@ def _check_group(group, seed: int, tag: str, cases=CASES, dtype=torch.float64, t
                 if batch == "all_skewed":
                     for s in range(1, size):
                         assert full.router(data[s][0].reshape(-1, D)).counts[E // size:].sum() == 0, where
+            if batch == "random":      # a deepcopy (the EMA model) keeps the shard and the dispatcher's group
+                copied = copy.deepcopy(ep)
+                assert copied.dispatcher is ep.dispatcher and copied.experts.w_in is not ep.experts.w_in
+                torch.testing.assert_close(copied(data[me][0]).detach(), ref[me][0], **tol, msg=f"{where}: copy")
             y, gx, grads, acc = _run(ep, *data[me])
             ry, rgx, rgrads, racc = ref[me]
             torch.testing.assert_close(y, ry, **tol, msg=f"{where}: output")

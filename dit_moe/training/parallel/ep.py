@@ -43,6 +43,12 @@ to its Config / DeviceMesh / spmd_types stack, takes Top-k's fixed (T, K) expert
 emit a flat, variable-length pair list, and expert choice picks tokens per expert), and scores the outputs in its
 combine (ours combines in fp32 in ``MoEMLP`` for every router, so the dispatcher only moves and runs rows).
 
+Contract for the caller. Every process of an ep group must run every MoE layer's forward (and, in training, its
+backward) the same number of times in the same order, also with an empty local batch: each is a collective. That
+holds for a model whose blocks all run (gradient checkpointing recomputes the forward in the same order on every
+process). ``shard_experts`` replaces the bank's parameters, so the optimizer, DDP/FSDP and the EMA copy must be
+built from the sharded model; a deepcopy (the EMA model) shares the dispatcher and its process group.
+
 Status (first sitting): this module shards a layer (``shard_experts``) and dispatches (``AllToAllDispatcher``),
 tested against the single-process layer on 2 and 4 processes for every router (tests/test_expert_parallel.py). Not
 yet wired: ``train.expert_parallel`` and the dp x ep ``DeviceMesh``, gradient reduction per group under ddp/fsdp,
@@ -119,6 +125,9 @@ class AllToAllDispatcher:
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.start, self.stop = expert_range(num_experts, self.size, self.rank)
         self.num_experts, self.num_local = num_experts, self.stop - self.start
+
+    def __deepcopy__(self, memo):
+        return self             # no tensors; a copied model (the EMA) talks to the same process group
 
     def __call__(self, experts: ExpertBank, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """experts: this process's shard (E/N experts); xs (M, D) sorted by global expert; counts (E,) per expert."""
