@@ -388,3 +388,45 @@ def test_checkpoints_of_the_previous_format_load_and_their_drn_scale_is_projecte
     fresh(*_batch())
     routing_step(fresh)
     assert router.scale().item() == pytest.approx(math.exp(router.log_scale_max), rel=1e-6) and router.scale().item() < 2.8
+
+
+def _previous_routed(layer: MoEMLP, x: torch.Tensor) -> torch.Tensor:
+    """MoEMLP's forward as written before the expert dispatcher hook (kept verbatim as the pin), (N, D) -> (N, D)."""
+    r = layer.router(x, 1, scores=layer.router.scores(x))
+    xs = x.index_select(0, r.token_idx)
+    grouped = moe_mod._grouped_mm_available(layer.experts, x.device, moe_mod.compute_dtype(x))
+    ys = layer.experts(xs, None if grouped else r.sizes, r.counts, r.expert_idx, grouped=grouped)
+    acc = torch.promote_types(r.weight.dtype, torch.float32)
+    y = torch.zeros(x.shape[0], layer.dim, dtype=acc, device=x.device).index_add(
+        0, r.token_idx, ys.to(acc) * r.weight.to(acc).unsqueeze(1))
+    if layer.shared is not None:
+        y = y + layer.shared(x, (x.shape[0],)).to(acc)
+    if layer.default_vectors is not None:
+        y = y + layer.default_vectors.term(r.probs, r.mask).to(acc)
+    return y.to(ys.dtype)
+
+
+PIN_CASES = {**CASES,
+             "expert_choice": lambda: _make(moe_mod.ExpertChoiceRouter(D, E, top_k=2)),
+             "topk_default_bias": lambda: _make(TopKRouter(D, E, top_k=2, balance_bias=True),
+                                                default=_random_default("forward"))}
+
+
+@pytest.mark.parametrize("case", sorted(PIN_CASES))
+def test_local_dispatch_is_bit_identical_to_the_previous_code(case):
+    """The dispatch refactor (``run_experts``, the ``dispatcher`` hook) changes no bit on CPU, for every router: the
+    layer's output, input gradient and every parameter gradient are torch.equal to the code it replaced, with no
+    dispatcher and with a dispatcher that runs the same bank locally (the hook's contract: pairs in, outputs out)."""
+    moe = PIN_CASES[case]().train()
+    if moe.router.balance_bias is not None:
+        moe.router.balance_bias.copy_(torch.linspace(-0.05, 0.05, E))
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(1))
+    ref = _grads(moe, x, lambda t: _previous_routed(moe, t))
+    runs = {"none": _grads(moe, x, lambda t: moe(t))}
+    moe.dispatcher = lambda bank, xs, counts: moe_mod.run_experts(bank, xs, counts,
+                                                                  torch.repeat_interleave(counts))
+    runs["local hook"] = _grads(moe, x, lambda t: moe(t))
+    for how, (out, gx, gp) in runs.items():
+        assert torch.equal(out, ref[0]) and torch.equal(gx, ref[1]), how
+        for name, g in gp.items():
+            assert torch.equal(g, ref[2][name]), (how, name)

@@ -6,6 +6,8 @@ Dispatch (one path for training and inference, dropless, any number of experts p
   3. each expert runs on its segment (``experts.ExpertBank``): one grouped matmul over all segments with device
      offsets where torch runs it for the device, dtype and shape, else a loop over the E segments;
   4. outputs are scaled by their weight and scatter-added back to their tokens in fp32, cast once, (N, D).
+Steps 2-3 are ``run_experts``; with expert parallelism the layer's ``dispatcher`` (``ExpertDispatcher``) replaces
+step 3: it sends the pairs to the processes holding their experts, which run ``run_experts`` on their shard.
 
 Host synchronisation on the grouped (GPU) path: none for Top-k (M = N k) and expert choice (M = E C), both static;
 one per MoE layer for the threshold routers (M is data-dependent; see ``RouterOutput.from_mask``). The segment loop
@@ -19,7 +21,7 @@ logged statistics. What is summed per token, and the names of the metrics, are d
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -31,8 +33,9 @@ from .routers import (DTopPRouter, ExpertChoiceRouter, Router, RouterOutput, Thr
                       TopPRouter)
 from .routing_tap import METRICS, num_sums, stats_from_sums, sum_slices, token_stats
 
-__all__ = ["EXPERT_KINDS", "ExpertBank", "METRICS", "MoEMLP", "ROUTER_TYPES", "USE_GROUPED_MM", "build_controller",
-           "build_moe_mlp", "build_router", "collect_aux_loss", "moe_layers", "routing_stats", "routing_step"]
+__all__ = ["EXPERT_KINDS", "ExpertBank", "ExpertDispatcher", "METRICS", "MoEMLP", "ROUTER_TYPES", "USE_GROUPED_MM",
+           "build_controller", "build_moe_mlp", "build_router", "collect_aux_loss", "moe_layers", "routing_stats",
+           "routing_step", "run_experts"]
 
 logger = logging.getLogger(__name__)
 ACTIVE, TOKENS = sum_slices(1)["active"], sum_slices(1)["tokens"]     # where token_stats keeps sum m and N
@@ -63,6 +66,19 @@ def _grouped_mm_available(bank: ExpertBank, device: torch.device, dtype: torch.d
     return _grouped_mm_ok[key]
 
 
+def run_experts(bank: ExpertBank, xs: torch.Tensor, counts: torch.Tensor, expert_idx: torch.Tensor,
+                sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+    """(M, D) expert-sorted tokens -> (M, D) outputs of their experts: grouped_mm where it runs, else the segment loop.
+
+    ``counts`` (E,) device tokens per expert of ``bank``, ``expert_idx`` (M,) each row's expert (the grouped path's
+    biases), ``sizes`` the host copy of ``counts`` if the caller has it (the segment loop reads it otherwise). The one
+    local expert path: ``MoEMLP`` runs it on all its experts, an expert-parallel dispatcher on a rank's shard.
+    """
+    if _grouped_mm_available(bank, xs.device, compute_dtype(xs)):
+        return bank(xs, None, counts, expert_idx, grouped=True)
+    return bank(xs, tuple(counts.tolist()) if sizes is None else sizes, counts, expert_idx)
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass, i.e. when a checkpointed block recomputes its forward.
 
@@ -72,8 +88,23 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class ExpertDispatcher(Protocol):
+    """How a layer's routed tokens reach experts that live elsewhere (expert parallelism); ``MoEMLP.dispatcher``.
+
+    ``dispatcher(experts, xs, counts) -> ys``: ``xs`` (M, D) this process's (token, expert) pairs sorted by expert,
+    ``counts`` (E,) device pairs per GLOBAL expert, ``experts`` the bank this process holds (its shard); returns the
+    (M, D) outputs of each pair's expert in the same pair order, in the graph (autograd flows back through it). The
+    implementation is training code (``dit_moe.training.parallel.ep``): models only know this interface.
+    """
+
+    def __call__(self, experts: ExpertBank, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor: ...
+
+
 class MoEMLP(nn.Module):
     """(B, T, D) -> (B, T, D): routed experts, optional shared experts, optional Default MoE term.
+
+    ``dispatcher`` (an ``ExpertDispatcher``, default None) replaces the local expert run by one that sends the pairs
+    to the processes holding their experts; routing, combine, aux losses and statistics stay local either way.
 
     Training forwards store ``last_aux_loss`` (weighted aux losses of this layer, a scalar tensor in the graph) and
     ``last_aux_terms`` (its named parts) and accumulate routing statistics for ``routing_step``; eval forwards only
@@ -94,6 +125,8 @@ class MoEMLP(nn.Module):
         self.experts = experts
         self.shared = shared
         self.default_vectors = default_vectors
+        # Expert parallelism's hook (None: every expert runs here). Not a submodule: it holds a process group, no state.
+        self.dispatcher: ExpertDispatcher | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_aux_terms: dict[str, torch.Tensor] = {}
         E = self.num_experts
@@ -135,8 +168,10 @@ class MoEMLP(nn.Module):
         """
         r = self.router(x, samples, scores=scores)
         xs = x.index_select(0, r.token_idx)                               # (M, D), expert-contiguous
-        grouped = _grouped_mm_available(self.experts, x.device, compute_dtype(x))
-        ys = self.experts(xs, None if grouped else r.sizes, r.counts, r.expert_idx, grouped=grouped)   # (M, D)
+        if self.dispatcher is None:
+            ys = run_experts(self.experts, xs, r.counts, r.expert_idx)      # (M, D)
+        else:
+            ys = self.dispatcher(self.experts, xs, r.counts)              # (M, D), the same pair order
         # Combine and accumulate in (at least) fp32, cast once to the expert dtype (bf16 under autocast).
         acc = torch.promote_types(r.weight.dtype, torch.float32)
         y = torch.zeros(x.shape[0], self.dim, dtype=acc, device=x.device).index_add(
