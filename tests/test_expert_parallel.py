@@ -148,6 +148,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os._exit, so that no pytest exit handler runs in the child."""
     code = 1
     try:
+        # One intra-op thread, as DataLoader's forked workers do: the parent's OpenMP pool does not survive a fork.
+        torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         # A failed rank makes its peers' collectives time out instead of waiting forever.
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
