@@ -1,5 +1,7 @@
 """Checkpoint format: bit-exact round trip, atomic writes, and clear errors on bad input."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -100,3 +102,17 @@ def test_overwrite_replaces_atomically(tmp_path):
     assert load_checkpoint(tmp_path / "ck").step == 2
     assert (tmp_path / "ck" / "extra.txt").read_text() == "hi"
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(tmp_path, umask):
+    """mkdtemp makes 0700 folders and safetensors writes 0600 files: a saved checkpoint gets the modes of any new file
+    instead (0755 / 0644 under umask 022), so the rest of a group can read it; a private umask keeps it private."""
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", tiny(), step=1, ema=tiny())
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [path, *path.iterdir()]}
+    assert modes == {"ckpt": 0o777 & ~umask, "config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask,
+                     "ema.safetensors": 0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}

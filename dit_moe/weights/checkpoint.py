@@ -134,6 +134,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _default_permissions(folder: Path) -> None:
+    """Give ``folder`` and its files the modes the user's umask gives new files (0755 / 0644 under umask 022):
+    mkdtemp makes the folder 0700 and safetensors writes its files 0600, which would hide checkpoints and Hub
+    folders from the rest of a group on a shared cluster."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in [folder, *folder.rglob("*")]:
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+
+
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -168,6 +178,7 @@ def save_checkpoint(
             save_file(_state_for_saving(ema), str(tmp / EMA_FILE), metadata=stamp)
         if write_extra is not None:
             write_extra(tmp)
+        _default_permissions(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
