@@ -39,6 +39,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
+@pytest.hookimpl(optionalhook=True)    # a pytest-xdist hook, called on the controller with each worker's test ids
+def pytest_xdist_node_collection_finished(node, ids):
+    """Refuse to run when xdist's groups are silently ignored (pytest 9.2 with pytest-xdist 3.8: no id carries its
+    "@group"): module fixtures would be built once per worker and two multi-process launches would race."""
+    grouped = [i for i in ids if i.split("::")[0].rsplit("/", 1)[-1] in LONG_MODULES]    # each one group (above)
+    if node.config.getvalue("dist") == "loadgroup" and grouped and not any("@" in i for i in grouped):
+        raise pytest.UsageError(f"pytest {pytest.__version__} does not apply pytest-xdist's xdist_group (no test id "
+                                "ends in @group); install the [dev] extra's pytest: pip install -e '.[dev]'")
+
+
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):
     """test_train_fsdp's experiment under train.strategy=ddp on two torchrun ranks, launched once per test run: the
