@@ -35,7 +35,6 @@ them. Saved pipelines name this module in ``model_index.json``: it must stay at 
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -55,6 +54,7 @@ from ..errors import DitMoeError
 from ..inference import load
 from ..registry import build_model
 from ..sampling.settings import SAMPLERS, resolve_settings
+from .outputs import replace_dir
 
 __all__ = ["DiTMoETransformer2DModel", "DiTMoEPipeline", "PipelineError", "make_pipeline_scheduler",
            "pipeline_from_model", "pipeline_from_checkpoint", "export_pipeline"]
@@ -318,13 +318,7 @@ def export_pipeline(checkpoint, out, *, which: str = "ema", vae: Optional[str] =
             pipe.transformer.save_pretrained(tmp / "transformer")
         else:
             pipe.save_pretrained(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
