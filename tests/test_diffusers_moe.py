@@ -23,28 +23,12 @@ from dit_moe.weights.checkpoint import save_checkpoint
 from dit_moe.weights.convert import main as convert_main
 from dit_moe.weights.diffusers_moe import DiTMoEPipeline, DiTMoETransformer2DModel, pipeline_from_checkpoint
 
+from test_sampling import _randomise
+
 DATA_INFO = DataInfo(num_classes=10, in_channels=1, latent_size=8, image_size=8, class_names=tuple("0123456789"),
                      vae=None, scaling_factor=1.0, source="builtin:digits").to_dict()
 LABELS = [3, 7, 1]
 SEED = 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _randomise(model, seed=1, scale=0.05):
-    """adaLN-Zero makes a fresh model output zeros; random gates and output weights make outputs depend on x, t, y."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        gates = [q for b in model.blocks for q in b.adaLN_modulation.parameters()]
-        for p in list(model.final_layer.parameters()) + gates:
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
 
 
 def _save(path, objective):

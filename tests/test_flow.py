@@ -17,14 +17,6 @@ MU = torch.linspace(-1.5, 1.5, 16).view(SHAPE)
 S = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def exact_velocity(x: torch.Tensor, t: torch.Tensor, mu=MU, s=S) -> torch.Tensor:
     """E[eps - x0 | x_t = x] for x0 ~ N(mu, s^2 I), x_t = (1 - t) x0 + t eps.
 

@@ -18,14 +18,6 @@ from dit_moe.weights.convert import main as convert_main
 from dit_moe.weights.diffusers_moe import pipeline_from_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A DiT-T/2-E4K2 DTop-p run on the digits: 4 steps, routing logged every 2, then a bulk sample with --fid

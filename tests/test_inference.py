@@ -11,31 +11,16 @@ from dit_moe.config import DiffusionConfig, ExperimentConfig, ModelConfig, Sampl
 from dit_moe.data import DataInfo
 from dit_moe.diffusion import DDPMObjective, RectifiedFlow
 from dit_moe.registry import build_model
-from dit_moe.weights.checkpoint import save_checkpoint
 from dit_moe.sampling import (main, make_generators, num_model_calls, resolve_settings,
                               sample_latents)
+from dit_moe.weights.checkpoint import save_checkpoint
+
+from test_sampling import _randomise
 
 SHAPE = (1, 8, 8)
 DATA_INFO = DataInfo(num_classes=10, in_channels=1, latent_size=8, image_size=8,
                      class_names=tuple("zero one two three four five six seven eight nine".split()),
                      vae=None, scaling_factor=1.0, source="builtin:digits")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _randomise(model, seed=1, scale=0.05):
-    """adaLN-Zero makes a fresh model output zeros; random gates and output weights make outputs depend on x, t, y."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in list(model.final_layer.parameters()) + [q for b in model.blocks for q in b.adaLN_modulation.parameters()]:
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
 
 
 def tiny(flow: bool, name="DiT-T/2"):

@@ -22,15 +22,6 @@ from dit_moe.sampling import (
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: a second OpenMP thread only adds contention on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------------------
 #                         An exact "model": class-conditional Gaussians and their mixture
 # ---------------------------------------------------------------------------------------------------------
