@@ -24,6 +24,7 @@ from ..models.moe import moe_layers
 from ..models.routers import DTopPRouter
 from ..models.routing_tap import stats_from_sums
 from ..registry import parse_name
+from ..weights.checkpoint import run_dir_of_checkpoint
 from ..sampling import FLAGS, SCHEDULE, SamplingError, resolve_settings
 from .errors import AnalysisError
 from .plots import MAX_SPATIAL_ROWS, _plot_checkpoint
@@ -36,10 +37,7 @@ JSON_FILE = "analysis.json"
 
 def default_out_dir(checkpoint: str | Path) -> Path:
     """``<run>/analysis`` for a checkpoint at ``<run>/checkpoints/<name>``, else ``<checkpoint>/analysis``."""
-    path = Path(checkpoint)
-    if path.parent.name == "checkpoints":
-        return path.parent.parent / "analysis"
-    return path / "analysis"
+    return (run_dir_of_checkpoint(checkpoint) or Path(checkpoint)) / "analysis"
 
 
 def _pick_classes(classes, num_classes: int, seed: int, where: str, names: Sequence[str] = ()) -> list[int]:

@@ -20,7 +20,8 @@ import pickle
 from pathlib import Path
 from typing import Optional
 
-from ..weights.checkpoint import CheckpointError, is_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
+from ..weights.checkpoint import (CheckpointError, is_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint,
+                                  run_dir_of_checkpoint)
 from ..config import ConfigError, ExperimentConfig
 from .checkpointing import ACCELERATE_DIR, CORRUPT_PREFIX, quarantine, step_of, sweep, validate_checkpoint
 from .rundir import run_dir_of
@@ -50,7 +51,7 @@ def resume_request(cfg: ExperimentConfig, resume: Optional[str]) -> ResumeReques
         return ResumeRequest(run_dir_of(cfg), "latest")
     path = Path(resume)
     if is_checkpoint(path):
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else run_dir_of(cfg)
+        run_dir = run_dir_of_checkpoint(path) or run_dir_of(cfg)
         return ResumeRequest(run_dir, "path", path)
     resolve_checkpoint(path)                 # raises the error that says what is wrong with the path
     return ResumeRequest(path, "latest")     # a run folder with checkpoints: its newest intact one

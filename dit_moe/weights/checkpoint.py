@@ -201,6 +201,12 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / MODEL_FILE).is_file()
 
 
+def run_dir_of_checkpoint(path: str | Path) -> Optional[Path]:
+    """The run folder of a checkpoint written by training (``<run>/checkpoints/step-N``), else None."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Finished checkpoints of a run (``<run>/checkpoints/step-*``), oldest first."""
     root = Path(run_dir) / "checkpoints"

@@ -35,8 +35,8 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from ..errors import DitMoeError
 from ..registry import count_params, parse_name
 from .build import build_from_checkpoint
-from .checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, is_checkpoint, save_checkpoint
-from .outputs import prepare_output
+from .checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, is_checkpoint, run_dir_of_checkpoint, save_checkpoint
+from .outputs import one_line, prepare_output
 
 __all__ = ["HubError", "HUB_FILES", "CARD_FILE", "export_hub", "model_card", "training_routing_record",
            "recorded_metrics", "hub_snapshot", "check_push", "push_folder"]
@@ -49,11 +49,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class HubError(DitMoeError, ValueError):
     """A Hub export or upload that cannot be done (offline, not logged in, a bad repo id); names the value."""
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -74,7 +69,7 @@ def hub_snapshot(name: str) -> tuple[Optional[Path], str]:
         return None, (f", nor a Hugging Face Hub model in the cache {constants.HF_HUB_CACHE}"
                       f"{' (HF_HUB_OFFLINE=1)' if constants.HF_HUB_OFFLINE else ''}")
     except (HfHubHTTPError, OSError, ValueError) as e:
-        return None, f", nor a Hugging Face Hub model ({_one_line(e)})"
+        return None, f", nor a Hugging Face Hub model ({one_line(e)})"
     if not is_checkpoint(folder):
         return None, f", and the Hub model {name} is not a dit-moe checkpoint (no {CONFIG_FILE} + {MODEL_FILE})"
     return folder, ""
@@ -83,11 +78,6 @@ def hub_snapshot(name: str) -> tuple[Optional[Path], str]:
 # ---------------------------------------------------------------------------------------------------------
 #                                          The run's records
 # ---------------------------------------------------------------------------------------------------------
-
-def _run_dir(ckpt_path: Path) -> Optional[Path]:
-    """The run folder of a checkpoint written by training (``<run>/checkpoints/step-N``), else None."""
-    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
-
 
 def training_routing_record(run_dir: Optional[Path], step: int) -> Optional[dict]:
     """The routing entries of the run's metrics.jsonl record closest before (or at) ``step``: activated experts
@@ -266,7 +256,7 @@ def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=list(HUB_FILES),
                                  commit_message=f"dit-moe export of {folder.name}")
     except (HfHubHTTPError, OSError, ValueError) as e:     # requests' connection errors are OSErrors
-        raise HubError(f"--push-to-hub {repo_id}: upload failed ({_one_line(e)})") from None
+        raise HubError(f"--push-to-hub {repo_id}: upload failed ({one_line(e)})") from None
     return str(getattr(info, "commit_url", info))
 
 
@@ -282,7 +272,7 @@ def export_hub(checkpoint, out, *, weights: str = "ema", overwrite: bool = False
     out = prepare_output(out, overwrite, _is_hub_folder, "dit-moe Hub folder")
     model, ckpt = build_from_checkpoint(checkpoint, which="ema" if weights == "ema" else "model")
     used = weights if weights == "raw" or (ckpt.path / EMA_FILE).is_file() else "raw (no EMA saved)"
-    run = _run_dir(ckpt.path)
+    run = run_dir_of_checkpoint(ckpt.path)
     record = training_routing_record(run, ckpt.step) if model.arch.is_moe else None
     metrics = recorded_metrics(run, ckpt.step, metrics_json)
     card = model_card(ckpt, used, push_to_hub, record, metrics)
