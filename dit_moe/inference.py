@@ -136,9 +136,10 @@ def _fallback_data_info(ckpt, vae: Optional[str]) -> tuple[DataInfo, bool]:
     return info, decodable
 
 
-def load(path: str | Path, weights: str = "ema", device: Optional[str | torch.device] = None,
+def load(path: Checkpoint | str | Path, weights: str = "ema", device: Optional[str | torch.device] = None,
          vae: Optional[str] = None, check: Optional[Callable[[Checkpoint], None]] = None) -> InferenceBundle:
-    """The bundle of the checkpoint at ``path`` (a checkpoint folder, or a run folder: its latest checkpoint).
+    """The bundle of the checkpoint at ``path`` (a checkpoint folder, a run folder: its latest checkpoint, or a
+    ``Checkpoint`` already read).
 
     weights: ``ema`` (falls back to the raw weights when none were saved) or ``model``; device: default CUDA when
     available; vae: decode with this AutoencoderKL instead of the checkpoint's; check: called with the checkpoint's

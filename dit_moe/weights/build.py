@@ -57,20 +57,23 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint | str | Path, wh
     return ckpt
 
 
-def build_from_checkpoint(path: str | Path, which: str = "ema", device: str | torch.device = "cpu",
+def build_from_checkpoint(path: Checkpoint | str | Path, which: str = "ema", device: str | torch.device = "cpu",
                           check: Optional[Callable[[Checkpoint], None]] = None) -> tuple[torch.nn.Module, Checkpoint]:
     """Rebuild the model from the checkpoint alone and load its (EMA by default) weights; returns (model, checkpoint)
     with the model in eval mode on ``device``.
 
-    ``path`` may be a run folder that is still training (``read_newest``). ``check(checkpoint)``, when given, sees
-    the description before any weight is read and may refuse it by raising (analysis refuses a dense model so)."""
-    def build(found: Path):
-        ckpt = load_checkpoint(found)
+    ``path`` may be a run folder that is still training (``read_newest``), or a ``Checkpoint`` already read (its
+    config.json is not read again). ``check(checkpoint)``, when given, sees the description before any weight is
+    read and may refuse it by raising (analysis refuses a dense model so)."""
+    def build(ckpt: Checkpoint):
         if check is not None:
             check(ckpt)
         model = build_model(ckpt.model_config, ckpt.routing_config)
         load_weights(model, ckpt, which)
         return model, ckpt
 
-    model, ckpt = read_newest(path, build)
+    if isinstance(path, Checkpoint):
+        model, ckpt = build(path)
+    else:
+        model, ckpt = read_newest(path, lambda found: build(load_checkpoint(found)))
     return model.to(device).eval(), ckpt

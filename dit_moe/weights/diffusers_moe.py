@@ -54,7 +54,7 @@ from ..errors import DitMoeError
 from ..inference import load
 from ..registry import build_model
 from ..sampling.settings import SAMPLERS, resolve_settings
-from .outputs import replace_dir
+from .outputs import one_line, replace_dir
 
 __all__ = ["DiTMoETransformer2DModel", "DiTMoEPipeline", "PipelineError", "make_pipeline_scheduler",
            "pipeline_from_model", "pipeline_from_checkpoint", "export_pipeline"]
@@ -281,9 +281,8 @@ def _load_vae(vae: Optional[str]) -> Optional[AutoencoderKL]:
     try:
         return AutoencoderKL.from_pretrained(vae)
     except (OSError, ValueError) as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise PipelineError(f"cannot load the VAE {vae!r} for the pipeline ({lines[0] if lines else type(e).__name__});"
-                            " pass --vae DIR (a local AutoencoderKL) or --transformer-only") from None
+        raise PipelineError(f"cannot load the VAE {vae!r} for the pipeline ({one_line(e)}); pass --vae DIR (a local "
+                            "AutoencoderKL) or --transformer-only") from None
 
 
 def pipeline_from_checkpoint(checkpoint, which: str = "ema", vae: Optional[str] = None,

@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..registry import parse_name
 from .build import build_from_checkpoint
+from .checkpoint import load_checkpoint, read_newest
 from .layouts import dit_moe_to_diffusers
 from .outputs import ConvertError, one_line, prepare_output, replace_dir
 
@@ -42,16 +44,17 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     out = prepare_output(out, overwrite, _is_diffusers_folder, "diffusers folder")
-    model, ckpt = build_from_checkpoint(checkpoint, which=which)
+    ckpt = read_newest(checkpoint, load_checkpoint)          # the description decides; the model is built once
     cfg = ckpt.model_config
-    if model.arch.is_moe:
+    if parse_name(cfg.name).is_moe:
         # diffusers' DiTTransformer2DModel has one dense MLP per block: MoE models export as a DiTMoEPipeline
         from .diffusers_moe import PipelineError, export_pipeline
         try:
-            export_pipeline(ckpt.path, out, which=which, vae=vae, transformer_only=transformer_only)
+            export_pipeline(ckpt, out, which=which, vae=vae, transformer_only=transformer_only)
         except PipelineError as e:
             raise ConvertError(str(e)) from None
         return out
+    model, _ = build_from_checkpoint(ckpt, which=which)
     if cfg.class_dropout_prob <= 0:
         raise ConvertError(f"{ckpt.path}: trained without label dropout (no null class row); diffusers' DiT always has one")
     if cfg.timestep_freq_shift != 1:
