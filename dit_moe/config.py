@@ -108,6 +108,10 @@ class TrainConfig:
     # ddp: every rank holds the whole model, grads and AdamW states (Accelerate's DDP); fsdp: FSDP2 shards them and
     # the EMA over the ranks, one unit per DiT block (dit_moe/training/fsdp.py; README, Memory per strategy)
     strategy: str = "ddp"
+    # N > 1: expert parallelism. Each MoE layer's routed experts are split over groups of N processes (E/N whole
+    # experts each) and the routed tokens travel to them by all-to-all; the rest trains under ddp over all processes
+    # (dit_moe/training/parallel/ep_train.py; README, Multi-GPU training). N must divide E and the process count.
+    expert_parallel: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

@@ -186,6 +186,22 @@ def validate(cfg: ExperimentConfig, num_processes: Optional[int] = None) -> None
             bad(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 + (f"num_processes ({num_processes}) x " if num_processes else "")
                 + f"train.grad_accum ({t.grad_accum}) = {denom}")
+    check("train.expert_parallel", t.expert_parallel >= 1, "must be >= 1 (1: every process holds every expert)")
+    if t.expert_parallel > 1:
+        ep = f"train.expert_parallel={t.expert_parallel}"
+        if arch is not None and not arch.is_moe:
+            bad(f"{ep} needs a MoE model (a name like DiT-S/2-E8K2); {m.name} is dense")
+        elif arch is not None and arch.num_experts % t.expert_parallel:
+            bad(f"{ep} must divide the {arch.num_experts} experts per MoE layer of {m.name}")
+        if num_processes is not None and (t.expert_parallel > num_processes or num_processes % t.expert_parallel):
+            bad(f"{ep} must divide the number of processes ({num_processes}); launch with torchrun "
+                f"--nproc_per_node M where M is a multiple of {t.expert_parallel}")
+        if t.strategy == "fsdp":
+            bad(f"{ep} with train.strategy=fsdp is not supported yet (fsdp over the data-parallel dimension is not "
+                "built); use train.strategy=ddp, which trains the non-expert part with ddp over all processes")
+        if t.mixed_precision == "fp16":
+            bad(f"{ep} with train.mixed_precision=fp16: the gradient scaler would check different expert shards on "
+                "each process; use bf16")
     if t.strategy == "fsdp" and t.compile:
         bad("train.compile=true with train.strategy=fsdp: compiled blocks under FSDP2 have not been tested yet; "
             "use one of the two")

@@ -93,7 +93,7 @@ def test_fsdp_run_keeps_router_state_identical_and_shards(fsdp_run):
     assert replicas["sharded"] is True and replicas["in_sync"] is True
     r0, r1 = sorted(replicas["ranks"], key=lambda r: r["rank"])
     assert r0["buffers"] == r1["buffers"] and r0["step"] == r1["step"] == 6
-    assert r0["model"] != r1["model"]          # each rank holds its own shard, not a replica
+    assert r0["model_parts"] != r1["model_parts"]      # each rank holds its own shard, not a replica
     records = [json.loads(line) for line in (fsdp_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6] and all(r["num_processes"] == 2 for r in records)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)

@@ -13,11 +13,11 @@ Why ``fully_shard`` by hand rather than Accelerate's FSDP plugin (accelerate 1.1
   * its ``save_state`` writes ``pytorch_model_fsdp.bin`` and an optimizer state keyed by parameter names, and pickles
     registered objects as they are (a sharded EMA): not the files a ddp run writes.
 The model therefore bypasses ``accelerator.prepare`` (which would wrap it in DDP); the optimizer, data loader and
-schedule still go through it, and a checkpoint is written with Accelerate's own ``save_accelerator_state`` and
-``save_custom_state`` from full state dicts gathered to rank 0 (``torch.distributed.checkpoint.state_dict``), so its
-folder holds exactly the files of a ddp run (``model.safetensors`` with the unsharded names and shapes,
-``optimizer.bin`` with integer parameter ids, the EMA in ``custom_checkpoint_0.pkl``, ...): a ddp checkpoint
-resumes under fsdp and back.
+schedule still go through it, and a checkpoint is written by ``full_state.FullStateCheckpoints`` with Accelerate's
+own ``save_accelerator_state`` and ``save_custom_state`` from full state dicts gathered to rank 0
+(``torch.distributed.checkpoint.state_dict``), so its folder holds exactly the files of a ddp run
+(``model.safetensors`` with the unsharded names and shapes, ``optimizer.bin`` with integer parameter ids, the EMA in
+``custom_checkpoint_0.pkl``, ...): a ddp checkpoint resumes under fsdp and back.
 
 Router state needs nothing here: it lives in buffers, which FSDP does not shard, and ``routing_step`` all-reduces
 it explicitly as under ddp. fully_shard refuses 0-d parameters (DTop-p's DRN ``log_scale``): while sharded they are
@@ -27,23 +27,17 @@ refused by the config check.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
 
-import accelerate.utils
 import torch
 import torch.nn as nn
-from accelerate.checkpointing import (load_accelerator_state, load_custom_state, save_accelerator_state,
-                                      save_custom_state)
 from accelerate.utils import convert_outputs_to_fp32
-from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..registry import build_model
+from .full_state import FullStateCheckpoints
 
 
 # Set once this process has sharded a model over several ranks. torch 2.14's FSDP2 keeps the gloo/NCCL process
@@ -69,7 +63,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
-class Sharding:
+class Sharding(FullStateCheckpoints):
     """The FSDP2 plan of one run: the device mesh, which modules are sharded, and the 0-d parameters' names."""
 
     def __init__(self, accelerator):
@@ -163,83 +157,6 @@ class Sharding:
                                  options=StateDictOptions(full_state_dict=True))
         for group, saved in zip(optimizer.param_groups, osd["param_groups"]):   # as saved (betas stay a tuple),
             group.update({k: v for k, v in saved.items() if k != "params"})      # like Optimizer.load_state_dict
-
-    # ----------------------------------------------------------------------------------- checkpoints
-    def gather(self, parts) -> "Gathered":
-        """Model, EMA and optimizer full states (rank 0); every rank calls it before a checkpoint is written."""
-        return Gathered(self.full_state(parts.raw_model), self.full_state(parts.ema),
-                        self.full_optimizer_state(parts.raw_model, parts.optimizer.optimizer),
-                        parts.raw_model)
-
-    def save_state(self, gathered: "Gathered", parts, data, out_dir: Path) -> None:
-        """The ``accelerate/`` folder of a checkpoint, file for file what ``accelerator.save_state`` writes for ddp."""
-        acc = self.accelerator
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        save_accelerator_state(str(out_dir), [{k: v.contiguous() for k, v in gathered.model.items()}],
-                               [_Fixed(gathered.optimizer)], [parts.scheduler], [data.loader], acc.process_index,
-                               acc.step, acc.scaler)
-        # Registration order of a ddp run (setup.build_parts): custom_checkpoint_0 is the EMA, _1 the train state.
-        save_custom_state(_Fixed(gathered.ema), str(out_dir), 0)
-        save_custom_state(parts.state, str(out_dir), 1)
-
-    def load_state(self, parts, data, in_dir: Path) -> None:
-        """Inverse of ``save_state`` (reads a ddp run's folder too): every rank reads the full files, keeps its shard."""
-        acc, in_dir = self.accelerator, Path(in_dir)
-        self.load_full_state(parts.raw_model, load_file(str(in_dir / "model.safetensors")))
-        self.load_full_optimizer_state(parts.raw_model, parts.optimizer.optimizer,
-                                       accelerate.utils.load(in_dir / "optimizer.bin", map_location="cpu"))
-        # The schedule, loader sampler, scaler and this rank's RNG streams, as accelerator.load_state reads them.
-        override = load_accelerator_state(str(in_dir), [], [], [parts.scheduler], [data.loader], acc.process_index,
-                                          acc.scaler)
-        if "step" in override:
-            acc.step = override["step"]
-        ema = _Fixed({})
-        load_custom_state(ema, str(in_dir), 0)
-        self.load_full_state(parts.ema, ema.value)
-        load_custom_state(parts.state, str(in_dir), 1)
-
-    # ----------------------------------------------------------------------------------- sampling
-    def plain_ema(self, parts, cfg) -> Optional[nn.Module]:
-        """An unsharded copy of the EMA on the main process (None elsewhere), for the sample grid."""
-        sd = self.full_state(parts.ema)
-        if not self.accelerator.is_main_process:
-            return None
-        ema = build_model(cfg)
-        ema.load_state_dict(sd)
-        return ema.to(self.accelerator.device).requires_grad_(False).eval()
-
-
-class Gathered:
-    """Full state dicts of one checkpoint (rank 0). Quacks like the model for ``dit_moe.weights.checkpoint.save_checkpoint``
-    (``model_config``, ``routing_config``, ``state_dict()``), which writes the weights files from it."""
-
-    def __init__(self, model: dict, ema: dict, optimizer: dict, raw_model: nn.Module):
-        self.model, self.ema, self.optimizer = model, ema, optimizer
-        self.model_config, self.routing_config = raw_model.model_config, raw_model.routing_config
-
-    def weights(self, which: str) -> "_Weights":
-        return _Weights(getattr(self, which), self)
-
-
-class _Weights:
-    def __init__(self, sd: dict, owner: Gathered):
-        self.sd, self.model_config, self.routing_config = sd, owner.model_config, owner.routing_config
-
-    def state_dict(self) -> dict:
-        return self.sd
-
-
-class _Fixed:
-    """A state that Accelerate's save/load functions handle through ``state_dict`` / ``load_state_dict``."""
-
-    def __init__(self, value: dict):
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return self.value
-
-    def load_state_dict(self, value: dict) -> None:
-        self.value = value
 
 
 def _reshape_scalars(model: nn.Module) -> set[str]:

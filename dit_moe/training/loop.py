@@ -144,8 +144,10 @@ def train_step(parts: Parts, objective, batches: Iterator, meter: RunningMeans, 
                     for k, v in aux_terms.items():
                         meter.add(f"aux/{k}", v / grad_accum)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and parts.sharding is not None:
+                    parts.sharding.reduce_gradients(model)     # ep: the expert shards' gradients over dp
                 if accelerator.sync_gradients and grad_clip is not None:
-                    clip = accelerator if parts.sharding is None else parts.sharding   # fsdp: sharded gradients
+                    clip = accelerator if parts.sharding is None else parts.sharding   # fsdp, ep: split gradients
                     grad_norm = clip.clip_grad_norm_(model.parameters(), grad_clip)
                 parts.optimizer.step()
                 parts.optimizer.zero_grad(set_to_none=True)
@@ -170,7 +172,7 @@ def write_ema_grid(cfg: ExperimentConfig, parts: Parts, info, run_dir: Path, acc
 
     The one place training draws samples; dit_moe.sampling.training_grid goes through the inference path.
     """
-    ema = parts.ema if parts.sharding is None else parts.sharding.plain_ema(parts, cfg)   # fsdp: gathered
+    ema = parts.ema if parts.sharding is None else parts.sharding.plain_ema(parts, cfg)   # fsdp, ep: gathered
     if accelerator.is_main_process:
         r = training_grid(ema, cfg, info, accelerator.device,
                           run_dir / "samples" / f"step-{parts.state.step:07d}.png")

@@ -256,23 +256,24 @@ def check_replicas(accelerator, parts, run_dir: Path) -> None:
     if world == 1:
         return
     raw, ema = parts.raw_model, parts.ema
-    # fsdp: parameters are sharded, each rank's shard is its own (digested, not compared); router state lives in
-    # buffers, which every rank holds whole and must agree on.
-    sharded = parts.sharding is not None
-    shard = lambda sd: sorted((k, v.to_local() if hasattr(v, "to_local") else v) for k, v in sd.items())
-    mine = {"rank": accelerator.process_index, "model": digest(shard(raw.state_dict())),
-            "ema": digest(shard(ema.state_dict())), "buffers": digest(raw.named_buffers()),
-            "step": parts.state.step}
+    # Parameters a rank holds only part of (fsdp: all of them; ep: the expert shards) differ between ranks by design:
+    # their digests are recorded, not compared. Everything else -- router state in buffers above all -- must agree.
+    split = parts.sharding.is_split if parts.sharding is not None else (lambda name: False)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    pick = lambda sd, parted: sorted((k, local(v)) for k, v in sd.items() if split(k) == parted)
+    msd, esd = raw.state_dict(), ema.state_dict()
+    mine = {"rank": accelerator.process_index, "model": digest(pick(msd, False)), "ema": digest(pick(esd, False)),
+            "buffers": digest(raw.named_buffers()), "step": parts.state.step,
+            "model_parts": digest(pick(msd, True)), "ema_parts": digest(pick(esd, True))}
     everyone = gather_object([mine])
     if accelerator.is_main_process:
-        skip = ("rank", "model", "ema") if sharded else ("rank",)
-        compared = lambda d: {k: v for k, v in d.items() if k not in skip}
-        same = lambda d: compared(d) == compared(mine)
-        in_sync = all(same(d) for d in everyone)
+        compared = lambda d: {k: v for k, v in d.items() if k not in ("rank", "model_parts", "ema_parts")}
+        in_sync = all(compared(d) == compared(mine) for d in everyone)
+        sharded = parts.sharding is not None
         (Path(run_dir) / "replicas.json").write_text(json.dumps(
             {"num_processes": world, "sharded": sharded, "in_sync": in_sync, "ranks": everyone}, indent=2))
         if in_sync:
-            what = "router buffers" if sharded else "model, EMA and router buffers"
+            what = ("router buffers and unsplit parameters" if sharded else "model, EMA and router buffers")
             logger.info(f"all {world} ranks hold identical {what}")
         else:
             logger.error(f"ranks DIVERGED (model/EMA/router buffers differ): see {Path(run_dir) / 'replicas.json'}")

@@ -260,7 +260,9 @@ class Parts:
     state: TrainState
     moe: Optional[Any]            # dit_moe.models.moe for MoE models, else None
     all_reduce: Optional[Any]     # sum over ranks for router state, None on one process
-    sharding: Optional[Any] = None   # train.strategy=fsdp on several processes: the fsdp.Sharding, else None
+    # Ranks hold parts of the model: fsdp.Sharding (train.strategy=fsdp on several processes) or
+    # parallel.ep_train.ExpertParallel (train.expert_parallel > 1); None when every rank holds all of it.
+    sharding: Optional[Any] = None
 
 
 def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optional[str] = None) -> Parts:
@@ -295,6 +297,13 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
         logger.info(sharding.describe(model))
     elif t.strategy == "fsdp":
         logger.info("train.strategy=fsdp on one process: nothing to shard, the model trains unsharded")
+    elif t.expert_parallel > 1:
+        from .parallel.ep_train import ExpertParallel   # not at the top: as fsdp, only for an expert-parallel run
+
+        sharding = ExpertParallel(accelerator, t.expert_parallel)
+        model = sharding.shard(model.to(device))   # before the optimizer: it must see the rank's experts only
+        sharding.shard(ema)
+        logger.info(sharding.describe(model))
     if t.compile:                            # in place: parameter names, state dicts and checkpoints unchanged
         compile_blocks(model)
     optimizer = build_optimizer(model.parameters(), t)
@@ -307,6 +316,9 @@ def build_parts(cfg: ExperimentConfig, data: Data, accelerator, init_from: Optio
         # Registration order names the files (custom_checkpoint_0: EMA, _1: train state); keep it.
         accelerator.register_for_checkpointing(ema)
         accelerator.register_for_checkpointing(state)
+    elif sharding.wraps_ddp:                 # ep: DDP for the replicated part; full_state.py writes the files
+        sharding.exclude_from_ddp(model)
+        model, optimizer, data.loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
     else:                                    # the model must not be DDP-wrapped; fsdp.py writes the same files
         optimizer, data.loader, scheduler = accelerator.prepare(optimizer, data.loader, scheduler)
         model = sharding.with_autocast(model)

@@ -63,7 +63,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 from ...config import ConfigError
-from ...models.experts import ExpertBank
+from ...models.experts import ExpertBank, compute_dtype
 from ...models.moe import MoEMLP, moe_layers, run_experts
 
 __all__ = ["AllToAllDispatcher", "expert_range", "shard_experts", "shard_model_experts"]
@@ -80,8 +80,9 @@ def expert_range(num_experts: int, group_size: int, group_rank: int) -> tuple[in
 
 def _slice_bank(bank: ExpertBank, start: int, stop: int) -> ExpertBank:
     """A new ExpertBank of experts [start, stop) of ``bank``: copies of those weight slices (new parameters)."""
-    local = ExpertBank(stop - start, bank.dim, bank.hidden, bank.kind).to(device=bank.w_in.device,
-                                                                          dtype=bank.w_in.dtype)
+    with torch.device("meta"):              # no init: it would draw from the global RNG, which the run's noise uses
+        local = ExpertBank(stop - start, bank.dim, bank.hidden, bank.kind)
+    local = local.to_empty(device=bank.w_in.device).to(dtype=bank.w_in.dtype)
     with torch.no_grad():
         for name, p in local.named_parameters():
             p.copy_(getattr(bank, name)[start:stop])
@@ -134,6 +135,9 @@ class AllToAllDispatcher:
         if experts.num_experts != self.num_local:
             raise ValueError(f"the expert bank holds {experts.num_experts} experts, the ep shard {self.num_local}")
         N, e = self.size, self.num_local
+        # The bank casts its input to the autocast dtype (bf16) anyway: sent in it, the rows take half the bytes and
+        # give the same numbers, forward and backward.
+        xs = xs.to(compute_dtype(xs))
         send = counts.view(N, e)                                  # (N, e): rows to each process, per its expert
         recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, self._group))   # (N, e): from each
         host = torch.cat([send.sum(1), recv.sum(1), recv.sum(0)]).tolist()    # the one host read of this layer
