@@ -43,6 +43,8 @@ BAD_TRAIN = [
     (["train.steps=0"], "train.steps=0 must be >= 1"),
     (["train.global_batch_size=30", "train.grad_accum=4"], "train.global_batch_size=30 is not divisible by"),
     (["train.ema_decay=1"], "train.ema_decay=1.0 must be in [0, 1)"),
+    (["train.expert_parallel=2"], "train.expert_parallel=2 must divide the number of processes (1)"),
+    (["train.expert_parallel=3"], "train.expert_parallel=3 must divide the 8 experts per MoE layer"),
     (["train.keep_last=0"], "train.keep_last=0 must be >= 1"),
     (["train.betas=[0.9, 1.5]"], "train.betas=[0.9, 1.5] must both be in [0, 1)"),
     (["sample.steps=0"], "sample.steps: steps=0 must be in [1, 1000]"),
