@@ -15,6 +15,11 @@ Writes ``--out`` (default gpu_check.json) and prints a table (also written next 
             MFU = 3 x forward FLOPs/image (2 x the registry's MACs, count_params) x images/s / the device's dense
             bf16 peak (PEAK_BF16; unknown device: null).
   ratios    E8K2 Top-k step / E1K1-8D step (the issue's goal: <= 1.15) and / DiT-XL/2, eager and compiled.
+  ep        expert parallelism, only with 2 or more GPUs: benchmarks/ep_step.py under torchrun over every GPU (bf16,
+            DiT-S/2-E8K2 Top-k at 32x32x4, 32 images per GPU, --ep-steps timed steps, within what is left of
+            --budget-s and at most --ep-timeout-s): ddp vs train.expert_parallel 2 and W vs the dense E1K1-8D arm --
+            tokens/s, all-to-all share of the step, MoE/dense and ep/ddp step ratios (ep_step's JSON is kept whole).
+            With one GPU (or on the CPU) the section is recorded as skipped, with the reason.
   sampling  DiT-XL/2 images/s with DDPM-250 and DPM-Solver++ 25 steps (the fastest sampler: 25 model calls), CFG 1.5,
             as dit-moe sample runs them (fp32), --sample-batch images.
 Weights are random (DiT's init): speed does not depend on them. The DDPM loss and samplers use diffusers; where it is
@@ -240,6 +245,87 @@ def ratios(rows: list, tiny: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+#                                          Expert parallelism
+# ---------------------------------------------------------------------------------------------------------
+
+def ep_skip_reason(device: torch.device) -> str | None:
+    """Why the ep section cannot run here (None: it can)."""
+    if device.type != "cuda":
+        return f"{device.type} device (expert parallelism is checked on 2 or more GPUs)"
+    n = torch.cuda.device_count()
+    if n < 2:
+        return f"{n} GPU (expert parallelism needs 2 or more)"
+    return None
+
+
+def ep_command(args, gpus: int, out: str, port: int) -> list[str]:
+    """torchrun over ``gpus`` processes of benchmarks/ep_step.py, sized for the check (bf16)."""
+    size = ["--model", "DiT-T/2-E8K2", "--input-size", "8", "--steps", "3", "--warmup", "1"] if args.tiny else \
+        ["--model", "DiT-S/2-E8K2", "--input-size", "32", "--steps", str(args.ep_steps), "--warmup", "3"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_addr",
+            "127.0.0.1", "--master_port", str(port), os.path.join(REPO, "benchmarks", "ep_step.py"), "--bf16",
+            *size, "--out", out]
+
+
+def ep_summary(ep: dict) -> dict:
+    """The figures the check reports from ep_step's JSON: per arm tokens/s, all-to-all share, ratios."""
+    arms = {r["arm"]: r for r in ep["arms"]}
+    out = {r["arm"]: {"tokens_per_s": r["tokens_per_s"], "step_ms": r["step_ms_median"],
+                      "a2a_share": r["a2a_share"], "x_ddp": r["x_ddp"], "x_dense": r["x_dense"],
+                      "active_experts": r["active_experts_per_token"]} for r in ep["arms"]}
+    out["moe_over_dense_ddp"] = arms["ddp"]["x_dense"] if "ddp" in arms else None
+    return out
+
+
+def ep_section(args, clock: Clock) -> dict:
+    import socket
+
+    reason = ep_skip_reason(clock.device)
+    if reason is not None:
+        return {"skipped": reason}
+    if clock.left() < 60:
+        return {"skipped": f"time budget ({clock.left():.0f} s of --budget-s left)"}
+    gpus = torch.cuda.device_count()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ep_step.json")
+        cmd = ep_command(args, gpus, out, port)
+        timeout = max(30.0, min(args.ep_timeout_s, clock.left()))
+        env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        record = {"gpus": gpus, "command": " ".join(cmd[1:]), "returncode": proc.returncode,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        if proc.returncode != 0 or not os.path.exists(out):
+            record["error"] = f"ep_step.py exited with {proc.returncode}"
+            record["tail"] = (proc.stdout + proc.stderr)[-3000:]
+            return record
+        with open(out) as fh:
+            record["result"] = json.load(fh)
+    record["summary"] = ep_summary(record["result"])
+    return record
+
+
+def ep_lines(ep: dict) -> list[str]:
+    if "skipped" in ep or "error" in ep:
+        return [f"ep: skipped: {ep['skipped']}" if "skipped" in ep else f"ep: ERROR {ep['error']}"]
+    r = ep["result"]
+    lines = [f"ep ({ep['gpus']} GPUs, {r['setup']['model']} {r['setup']['routing']}, bf16, global batch "
+             f"{r['setup']['batch']}; ep_step.py, {ep['seconds']} s)",
+             f"  {'arm':<7} {'tokens/s':>10} {'step ms':>9} {'a2a %':>6} {'x ddp':>6} {'x dense':>7} {'experts':>7}"]
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    for a in r["arms"]:
+        lines.append(f"  {a['arm']:<7} {a['tokens_per_s']:10.0f} {a['step_ms_median']:9.1f} "
+                     f"{100 * a['a2a_share']:6.1f} {f(a['x_ddp'], '6.3f'):>6} {f(a['x_dense'], '7.3f'):>7} "
+                     f"{f(a['active_experts_per_token'], '7.2f'):>7}")
+    lines += [f"  {n}" for n in r.get("notes", [])]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
 #                                                Sampling
 # ---------------------------------------------------------------------------------------------------------
 
@@ -316,6 +402,7 @@ def table(result: dict) -> str:
         lines.append(f"sampling {r['model']} {r['sampler']}-{r['steps']}: " +
                      (f"{r['images_per_s']} images/s ({r['seconds']} s for {r['batch']}, cfg {r['cfg_scale']}, "
                       f"{r['precision']})" if "images_per_s" in r else str(r.get("skipped") or r.get("error"))))
+    lines += [""] + ep_lines(result["ep"]) + [""]
     for e in result["errors"]:
         lines.append(f"ERROR {e['section']}: {e['error']}")
     lines.append(f"total {result['seconds']} s")
@@ -333,7 +420,9 @@ def main(argv=None) -> int:
     p.add_argument("--sample-batch", type=int, help="images per sampling run (default 16; tiny 2)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     p.add_argument("--budget-s", type=float, default=400, help="start nothing new after this many seconds")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: tests,train,sampling")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: tests,train,ep,sampling")
+    p.add_argument("--ep-steps", type=int, default=10, help="timed steps per arm of the ep section (default 10)")
+    p.add_argument("--ep-timeout-s", type=float, default=180, help="at most this long for the ep section's torchrun")
     args = p.parse_args(argv)
     args.batch = args.batch or (4 if args.tiny else 32)
     args.steps = args.steps or (2 if args.tiny else 10)
@@ -349,7 +438,8 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "python": platform.python_version(), "tiny": args.tiny,
               "peak_bf16_flops": peak_bf16(name) if device.type == "cuda" else None,
               "packages_missing": [m for m in ("diffusers", "torch_fidelity") if importlib.util.find_spec(m) is None],
-              "args": vars(args), "tests": {}, "train": [], "sampling": [], "errors": []}
+              "args": vars(args), "tests": {}, "train": [], "ep": {}, "sampling": [],
+              "errors": []}
     if "tests" in skip:
         result["tests"] = {"error": "skipped (--skip tests)"}
     else:
@@ -361,6 +451,16 @@ def main(argv=None) -> int:
     if "train" not in skip:
         train_section(args, clock, result["train"], result["errors"])
     result["ratios"] = ratios(result["train"], args.tiny)
+    if "ep" in skip:
+        result["ep"] = {"skipped": "--skip ep"}
+    else:
+        try:
+            result["ep"] = ep_section(args, clock)
+        except Exception as e:
+            result["ep"] = {"error": f"{type(e).__name__}: {e}"}
+        if "error" in result["ep"]:
+            result["errors"].append({"section": "ep", "error": result["ep"]["error"],
+                                     "traceback": result["ep"].get("tail", "")[-2000:]})
     if "sampling" not in skip:
         sampling_section(args, clock, result["sampling"], result["errors"])
     result["seconds"] = round(time.perf_counter() - clock.start, 1)
@@ -370,7 +470,8 @@ def main(argv=None) -> int:
     with open(os.path.splitext(args.out)[0] + ".txt", "w") as fh:
         fh.write(text + "\n")
     print(text)
-    print(json.dumps({k: result[k] for k in ("date", "device", "ratios", "seconds")}))
+    ep = result["ep"].get("summary") or {k: v for k, v in result["ep"].items() if k in ("skipped", "error")}
+    print(json.dumps({**{k: result[k] for k in ("date", "device", "ratios")}, "ep": ep, "seconds": result["seconds"]}))
     failed = result["errors"] or result["tests"].get("failures") or result["tests"].get("errors") or \
         result["tests"].get("returncode") not in (0, 5, None)         # 5: pytest collected/ran nothing
     return 1 if failed else 0

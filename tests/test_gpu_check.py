@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import gpu_check  # noqa: E402
 
 ARGS = ["--device", "cpu", "--tiny", "--compile-backend", "aot_eager"]
+CPU_SKIP = "cpu device (expert parallelism is checked on 2 or more GPUs)"
 
 
 def _check_train(result, loss):
@@ -45,6 +46,7 @@ def test_gpu_check_end_to_end_on_cpu_without_diffusers(tmp_path):
     assert all("diffusers is not installed" in r["skipped"] for r in result["sampling"])
     table = (tmp_path / "check.txt").read_text()
     assert "training step (bf16)" in table and "DiT-T/2-E1K1 8D" in table and table in proc.stdout
+    assert result["ep"] == {"skipped": CPU_SKIP} and f"ep: skipped: {CPU_SKIP}" in table
     assert json.loads(proc.stdout.strip().splitlines()[-1])["device"] == result["device"]
 
 
@@ -53,6 +55,8 @@ def test_gpu_check_in_process_with_the_ddpm_loss_and_samplers(tmp_path):
     assert gpu_check.main([*ARGS, "--skip", "tests", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     _check_train(result, "ddpm hybrid")
+    assert result["ep"] == {"skipped": CPU_SKIP}
+    assert f"ep: skipped: {CPU_SKIP}" in (tmp_path / "check.txt").read_text()
     rows = result["sampling"]
     assert [(r["sampler"], r["steps"]) for r in rows] == [("ddpm", 10), ("dpm", 5)]
     assert all(r["images_per_s"] > 0 for r in rows)
@@ -69,3 +73,15 @@ def test_peak_table_and_goals():
     assert r["moe_over_equal_active_compiled"] == 1.1 and r["moe_over_dense_compiled"] == 1.375
     assert r["moe_over_equal_active_eager"] is None
     assert r["goals"] == {"moe_over_equal_active_compiled<=1.15": True, "dense_mfu_compiled>=0.40": True}
+
+
+def test_ep_section_skips_below_two_gpus(monkeypatch):
+    """The ep arm needs 2 or more GPUs; with one it is recorded as skipped, and why (no CUDA needed to check)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    reason = gpu_check.ep_skip_reason(torch.device("cuda"))
+    assert reason == "1 GPU (expert parallelism needs 2 or more)"
+    assert gpu_check.ep_lines({"skipped": reason}) == ["ep: skipped: 1 GPU (expert parallelism needs 2 or more)"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert gpu_check.ep_skip_reason(torch.device("cuda")) is None
