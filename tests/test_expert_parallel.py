@@ -16,6 +16,8 @@ Routers: Top-k, fixed Top-p (with a balance bias), DTop-p, expert choice, Top-k 
 experts get no token from it); "all_skewed" (every process picks the first shard's experts: the others receive no
 row at all and their experts' gradients are zero). Expert choice cannot be skewed (each expert takes C tokens of
 every image), so it runs the same batches with every process receiving rows from every process.
+The training plan on a whole model (``_check_model``): gathered checkpoint state = the unsharded model bit for bit,
+re-sharding from it restores the shard, and the sharded model samples (forward with guidance) as the gathered one.
 """
 import copy
 import multiprocessing
@@ -24,19 +26,22 @@ import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from dit_moe.config import ConfigError
+from dit_moe.config import ConfigError, RoutingConfig
 from dit_moe.models.default_moe import DefaultVectors
 import dit_moe.models.moe as moe_mod
 from dit_moe.models.moe import ExpertBank, MoEMLP
 from dit_moe.models.routers import DTopPRouter, ExpertChoiceRouter, ThresholdController, TopKRouter, TopPRouter
 from dit_moe.registry import build_model
 from dit_moe.training.parallel.ep import expert_range, shard_experts, shard_model_experts
+from dit_moe.training.parallel.ep_train import ExpertParallel
+from test_sampling import _randomise
 
 D, E, HIDDEN, IMAGES, TOKENS = 8, 8, 8, 2, 6
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -142,6 +147,43 @@ def _check_group(group, seed: int, tag: str, cases=CASES, dtype=torch.float64, t
     return checks
 
 
+def _check_model(world: int, rank: int) -> int:
+    """The training plan (``ExpertParallel``) on a whole fp64 DiT-T/2-E8K2 with DTop-p, for ep groups of 2 and of
+    ``world``: its gathered state is the unsharded model's, bit for bit; a model re-sharded from that state holds
+    the same shard; and the sharded model's sampling forward (guidance included) equals the gathered model's on each
+    process's own batch (1e-12: the experts multiply the same rows in other groupings)."""
+    accelerator = SimpleNamespace(num_processes=world, process_index=rank, device=torch.device("cpu"),
+                                  is_main_process=rank == 0)
+    checks = 0
+    for size in sorted({2, world}):
+        torch.manual_seed(0)
+        full = _randomise(build_model("DiT-T/2-E8K2", RoutingConfig(type="dtopp"), input_size=8, in_channels=1,
+                                      num_classes=10)).double()
+        plan = ExpertParallel(accelerator, size)
+        ep = plan.shard(copy.deepcopy(full))
+        gathered = plan.full_state(ep)
+        if rank == 0:
+            reference = full.state_dict()
+            assert gathered.keys() == reference.keys()
+            assert all(torch.equal(v, reference[k]) for k, v in gathered.items()), f"ep {size}: gathered state"
+        else:
+            assert gathered == {}
+        again = plan.shard(copy.deepcopy(full))
+        with torch.no_grad():
+            for p in again.parameters():
+                p.zero_()
+        plan.load_full_state(again, full.state_dict())
+        assert all(torch.equal(v, ep.state_dict()[k]) for k, v in again.state_dict().items()), f"ep {size}: re-shard"
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+        t, y = torch.randint(0, 1000, (4,), generator=g), torch.randint(0, 10, (4,), generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.forward_with_cfg(x, t, y, 2.0), full.forward_with_cfg(x, t, y, 2.0), **TOL,
+                                       msg=f"ep {size}: sampling forward")
+        checks += 3
+    return checks
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """One process of the launch (forked from pytest: the imports are inherited, so a process starts in
     milliseconds). Writes rank<r>.ok (the comparison counts) or rank<r>.err (the traceback) and leaves with
@@ -153,7 +195,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         # A failed rank makes its peers' collectives time out instead of waiting forever.
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-        checks = [_check_group(None, seed=1, tag=f"ep over all {world}")]
+        checks = [_check_group(None, seed=1, tag=f"ep over all {world}"), _check_model(world, rank)]
         if world == 2 and hasattr(torch.nn.functional, "grouped_mm"):
             # The grouped path (the GPU's) on each shard: torch's CPU grouped_mm runs fp32 only, checked at fp32
             # round-off; it needs the dispatcher's per-row local expert indices for the biases.
@@ -195,8 +237,9 @@ def test_expert_parallel_dispatch_equals_the_single_process_layer(world, tmp_pat
     # 5 routers x 3 batches x (3 + the layer's parameters) comparisons, on every process and ep group
     for r in range(world):
         counts = [int(c) for c in (tmp_path / f"rank{r}.ok").read_text().split()]
-        assert len(counts) == (2 if world == 4 or hasattr(torch.nn.functional, "grouped_mm") else 1)
-        assert all(c >= 2 * len(BATCHES) * 4 for c in counts)
+        assert len(counts) == (3 if world == 4 or hasattr(torch.nn.functional, "grouped_mm") else 2)
+        assert counts[1] == 3 * len({2, world})              # _check_model: gathered, re-sharded, forward
+        assert all(c >= 2 * len(BATCHES) * 4 for i, c in enumerate(counts) if i != 1)
 
 
 def test_expert_count_must_divide_over_the_ep_group():
