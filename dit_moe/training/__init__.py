@@ -19,8 +19,10 @@ The package, one job per file: ``setup`` (Accelerator, data stream, model, EMA, 
 (run folder, its lock, the log file), ``resume`` (which checkpoint, compatibility, changed settings),
 ``checkpointing`` (validation, the save sequence, rotation, the sweep of temporaries), ``metrics`` (running
 sums, their reduction and the finite check, metrics.jsonl, routing statistics), ``stop`` (signals and rank
-agreement), ``fsdp`` (``train.strategy=fsdp``: FSDP2 sharding of model, optimizer and EMA, checkpoints gathered into
-the ddp files) and ``loop`` (``train`` itself, one optimizer step, the loss, the EMA grid).
+agreement), ``fsdp`` (``train.strategy=fsdp``: FSDP2 sharding of model, optimizer and EMA), ``parallel``
+(``train.expert_parallel``: experts split over ep groups, tokens sent by all-to-all), ``full_state`` (the checkpoints
+of both: full states gathered into the ddp files) and ``loop`` (``train`` itself, one optimizer step, the loss, the
+EMA grid).
 
 One optimizer step consumes ``train.global_batch_size`` examples: ``num_processes x grad_accum`` micro-batches of
 ``global_batch_size / (num_processes * grad_accum)``. An epoch is ``len(dataset) // global_batch_size`` steps; the

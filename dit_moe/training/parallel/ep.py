@@ -26,7 +26,7 @@ process, over all E experts), so that one world all-reduce also gives every proc
 Gradients: the two all-to-alls are autograd nodes (their backward is the reverse all-to-all), so an expert shard's
 gradient on process j sums the contributions of every process's tokens routed to it; router and input gradients
 are those of the process's own tokens. Reducing the expert gradients over the data-parallel replicas of the same
-shard (and the other gradients over all processes) is the training strategy's job (next step, below).
+shard (and the other gradients over all processes) is the training plan's job (``ep_train.py``).
 
 Which collective (evaluated 2026-12-07 on torch 2.14 and gloo with 2 processes, uneven splits with a 0 split and an
 empty input, fp64: both give the exact rows forward and the exact reverse-routed gradients backward):
@@ -49,11 +49,8 @@ holds for a model whose blocks all run (gradient checkpointing recomputes the fo
 process). ``shard_experts`` replaces the bank's parameters, so the optimizer, DDP/FSDP and the EMA copy must be
 built from the sharded model; a deepcopy (the EMA model) shares the dispatcher and its process group.
 
-Status (first sitting): this module shards a layer (``shard_experts``) and dispatches (``AllToAllDispatcher``),
-tested against the single-process layer on 2 and 4 processes for every router (tests/test_expert_parallel.py). Not
-yet wired: ``train.expert_parallel`` and the dp x ep ``DeviceMesh``, gradient reduction per group under ddp/fsdp,
-optimizer/EMA over the owned parameters, checkpoints (gather on save, re-shard on load), memory/traffic figures,
-the GPU check.
+Training wires this in ``ep_train.ExpertParallel`` (``train.expert_parallel``): the dp x ep mesh, gradient
+reduction, clipping and checkpoints.
 """
 from __future__ import annotations
 
