@@ -7,8 +7,9 @@ digits) for 20 steps, checkpoints at 10 and 20, the same seeds, data and global 
   integral, Default MoE vectors) agree with the ddp run of the same world size within TOL (fp32 round-off of other
   reduction orders: measured up to 5e-8 abs after 20 steps on 2 and 4 processes), losses to 1e-5 relative; the router
   buffers and the replicated parameters are bit-identical on all ranks (replicas.json);
-* a copy of the ep run cut back to step 10 and resumed under ep 2 ends bit-identical to the uninterrupted run; resumed
-  under ddp (another N) it tracks it within TOL; one process loads the ep checkpoint (the files of a ddp run).
+* a copy of the ep run cut back to step 10 and resumed under ep 2 ends bit-identical to the uninterrupted run, and so
+  does an ep run whose rank 1 alone gets SIGTERM after step 7 (both ranks stop there with a checkpoint) and is
+  resumed; resumed under ddp (another N) it tracks it within TOL; one process loads the ep checkpoint.
 Each torchrun launch runs several trainings one after another in the same processes (4 s of imports per process
 on two cores are paid once).
 """
@@ -32,16 +33,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each argument is one training (a JSON list of `dit-moe train` arguments), run in order in the same processes.
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, signal, sys
     from accelerate.state import PartialState
+    import dit_moe.training.loop as loop
     from dit_moe.cli import run_command
     # train() ends with accelerator.end_training(), which destroys the process group; the next job must find it
     # alive (re-creating the default group under torchrun's store can hang), so it is torn down at exit instead.
     PartialState.destroy_process_group = lambda self, group=None: None
+    update_ema = loop.update_ema
     for job in sys.argv[1:]:
-        code = run_command("train", json.loads(job))
-        if code:
-            sys.exit(code)
+        job = json.loads(job)
+        steps = [0]
+
+        def update_and_maybe_stop(*args, **kwargs):     # job["sigterm"]: rank 1 alone gets SIGTERM after that step
+            update_ema(*args, **kwargs)
+            steps[0] += 1
+            if steps[0] == job["sigterm"] and os.environ["RANK"] == "1":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        loop.update_ema = update_and_maybe_stop if job["sigterm"] else update_ema
+        code = run_command("train", job["args"])
+        if code != (128 + signal.SIGTERM if job["sigterm"] else 0):
+            sys.exit(code or 1)
 """)
 
 EXPERIMENT = ["model.name=DiT-T/2-E8K2", "model.input_size=8", "model.in_channels=1", "model.num_classes=10",
@@ -53,20 +66,22 @@ TOL = dict(rtol=0, atol=1e-6)
 multiprocess = pytest.mark.multiprocess       # torchrun launches: one xdist group (tests/conftest.py)
 
 
-def launch(root, nproc: int, jobs: list[tuple[str, int, str]]):
-    """jobs: (run name, expert_parallel, resume: "new" or "latest") trained in order by ``nproc`` processes."""
+def launch(root, nproc: int, jobs: list[tuple]):
+    """jobs: (run name, expert_parallel, resume: "new" or "latest"[, SIGTERM to rank 1 after this many steps]),
+    trained in order by ``nproc`` processes."""
     script = root / "run.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1")
-    args = [json.dumps(([] if resume == "new" else ["--resume", resume]) + EXPERIMENT
-                       + [f"train.run_dir={root}", f"train.run_name={name}", f"train.expert_parallel={ep}"])
-            for name, ep, resume in jobs]
+    args = [json.dumps({"sigterm": sigterm[0] if sigterm else 0,
+                        "args": ([] if resume == "new" else ["--resume", resume]) + EXPERIMENT
+                        + [f"train.run_dir={root}", f"train.run_name={name}", f"train.expert_parallel={ep}"]})
+            for name, ep, resume, *sigterm in jobs]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {name: root / name for name, _, _ in jobs}
+    return {name: root / name for name, *_ in jobs}
 
 
 def losses(run):
@@ -105,12 +120,16 @@ def test_two_processes_ep_tracks_ddp(two):
 
 
 @multiprocess
-def test_ep_resume_is_exact_and_continues_under_ddp(two, tmp_path):
+def test_ep_resume_and_kill_are_exact_and_continue_under_ddp(two, tmp_path):
     cut_back(two["ep2"], tmp_path / "again", 10)
     cut_back(two["ep2"], tmp_path / "as_ddp", 10)
-    runs = launch(tmp_path, 2, [("again", 2, "latest"), ("as_ddp", 1, "latest")])
-    (a, _), (b, _) = tensors(ckpt(runs["again"], 20)), tensors(ckpt(two["ep2"], 20))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "ep resume is not bit-identical"
+    runs = launch(tmp_path, 2, [("again", 2, "latest"), ("as_ddp", 1, "latest"),
+                                ("killed", 2, "new", 7), ("killed", 2, "latest")])
+    for run in ("again", "killed"):
+        (a, _), (b, _) = tensors(ckpt(runs[run], 20)), tensors(ckpt(two["ep2"], 20))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{run}: resume not bit-identical"
+    log = (runs["killed"] / "log.txt").read_text()
+    assert "saved checkpoint" in log and "step-0000007 (stopped by SIGTERM)" in log and "resumed from" in log
     assert_tracks(runs["as_ddp"], two["ep2"], steps=(20,))
     assert "train.expert_parallel 2 -> 1" in (runs["as_ddp"] / "log.txt").read_text()
     # One process reads the ep checkpoint: whole expert tensors, the ddp run's names and shapes.
