@@ -39,19 +39,7 @@ processes (a process that waits for a slower peer inside the exchange counts tha
 Rank 0 prints a table and writes ``--out`` (JSON). The world size and the per-process micro-batch are
 ``--batch`` / W; a CPU run uses one intra-op thread per process (--threads).
 
-Measured (2026-12-07, the shared 2-core CPU machine, torch 2.14.1, gloo, 2 processes, DiT-S/2-E8K2 Top-k at 16x16x4,
-global batch 8, fp32, DDPM loss; another engineer's 4-process torchrun test ran beside it the whole time, load
-average 2.5 on 2 cores, so the figures are noisy), two runs (7 and 9 timed rounds)::
-
-    arm    step ms median (min)        a2a ms/step  a2a share  experts  x ddp         x dense
-    ddp    1717 (1592) | 1763 (1609)   0            0          2.00     1             1.51 | 1.63
-    ep2    1712 (1607) | 1557 (1310)   239 | 234    15%        2.00     0.997 | 0.883 1.51 | 1.44
-    dense  1134 (1065) | 1082 (1039)   0            0          1.00     -             1
-
-ep2 against ddp moved from 1.00 to 0.88 between the two runs: the noise is as large as the effect. On the CPU the
-all-to-all (15% of the ep step, the wait for the peer included) is paid back by the halved expert optimizer, EMA and
-clipping work per process; at this small batch (4 images of 64 tokens per process) those per-parameter costs are
-also why the MoE step is 1.5-1.6x the dense one here (cpu_step.py, 8 images of 256 tokens: 1.03-1.09x).
+Measured figures (CPU, 2 and 4 processes) and how to read them: docs/performance.md, "Expert parallelism on the CPU".
 """
 from __future__ import annotations
 
