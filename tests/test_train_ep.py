@@ -15,7 +15,6 @@ on two cores are paid once).
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
