@@ -26,6 +26,11 @@ expert tensor -- weights, EMA, AdamW moments -- is all-gathered over the ep grou
 block when loading, so an ep checkpoint resumes under any N that divides E (or under ddp / fsdp) and one process
 samples from it.
 
+Why not torchtitan's ``ExpertParallel`` parallel style (read first): it turns the expert weights into DTensors
+sharded on the ep mesh and leaves the dp side to FSDP2 over a "dp_shard_mod_ep" mesh. Here the dp side is ddp, and
+plain local tensors keep the model, optimizer, EMA and state-dict code of a ddp run unchanged; DDP's documented
+ignore list plus one flat all-reduce per step is all the expert gradients need.
+
 Not supported yet, refused by the config check: ``train.strategy=fsdp`` with expert parallelism (sharding the
 replicated part over dp, as torchtitan does, would compose but is not built), fp16 (the gradient scaler's inf check
 would run on different expert shards per rank and could skip the step on some ranks only).
