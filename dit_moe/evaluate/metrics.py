@@ -137,6 +137,23 @@ def check_reference(reference, *, metrics=("fid",), feature_extractor=DEFAULT_EX
     return ref
 
 
+def _gaussian_statistics(from_stats: dict, sources: dict, feats: dict, layer, keys: tuple[str, str], features: str,
+                         own: dict, metric: str) -> dict:
+    """role -> (mu, sigma) of FID or sFID: read from the role's statistics file (``keys``) where ``from_stats[role]``,
+    else computed from its extracted features of ``layer``; records where each came from in ``own``."""
+    stats = {}
+    for role, src in sources.items():
+        if role not in from_stats:
+            continue
+        if from_stats[role]:
+            stats[role] = (src.stats[keys[0]], src.stats[keys[1]])
+            own[f"{metric}_{role}_statistics"] = f"{'/'.join(keys)} from {src.name} ({src.stats['origin']})"
+        else:
+            stats[role] = feature_statistics(feats[role][layer].numpy())
+            own[f"{metric}_{role}_statistics"] = f"{features} of {len(src.dataset)} images"
+    return stats
+
+
 def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor=DEFAULT_EXTRACTOR,
                     inception_weights=None, batch_size=64, device=None, settings=None, verbose=False,
                     kid_subset_size=None, num_workers=None, recursive=False, save_reference_stats=None):
@@ -214,29 +231,14 @@ def compute_metrics(generated, reference, *, metrics=("fid",), feature_extractor
                      f"frechet_distance (float64)",
         eval_device=str(device),
     )
-    fid_stats = {}
-    for role, src in (("generated", gen), ("reference", ref)):
-        if role not in plan.fid_from_stats:
-            continue
-        if plan.fid_from_stats[role]:
-            fid_stats[role] = (src.stats["mu"], src.stats["sigma"])
-            own[f"fid_{role}_statistics"] = f"mu/sigma from {src.name} ({src.stats['origin']})"
-        else:
-            fid_stats[role] = feature_statistics(feats[role][fid_layer].numpy())
-            own[f"fid_{role}_statistics"] = f"features of {len(src.dataset)} images"
+    sources = {"generated": gen, "reference": ref}
+    fid_stats = _gaussian_statistics(plan.fid_from_stats, sources, feats, fid_layer, ("mu", "sigma"), "features", own,
+                                     "fid")
     if "fid" in metrics:
         out["fid"] = frechet_distance(*fid_stats["generated"], *fid_stats["reference"])
     tap = SPATIAL_TAPS.get(feature_extractor)
-    sfid_stats = {}
-    for role, src in (("generated", gen), ("reference", ref)):
-        if role not in plan.sfid_from_stats:
-            continue
-        if plan.sfid_from_stats[role]:
-            sfid_stats[role] = (src.stats["mu_s"], src.stats["sigma_s"])
-            own[f"sfid_{role}_statistics"] = f"mu_s/sigma_s from {src.name} ({src.stats['origin']})"
-        else:
-            sfid_stats[role] = feature_statistics(feats[role][tap.layer].numpy())
-            own[f"sfid_{role}_statistics"] = f"spatial features of {len(src.dataset)} images"
+    sfid_stats = _gaussian_statistics(plan.sfid_from_stats, sources, feats, tap.layer if tap else None,
+                                      ("mu_s", "sigma_s"), "spatial features", own, "sfid")
     if "sfid" in metrics:
         out["sfid"] = frechet_distance(*sfid_stats["generated"], *sfid_stats["reference"])
         own["sfid_features"] = _spatial_description(feature_extractor, tap)
