@@ -42,7 +42,7 @@ class FullStateCheckpoints:
         """Whether each rank holds only part of the state-dict entry ``name`` (fsdp: every parameter)."""
         return True
 
-    def reduce_gradients(self, model: nn.Module) -> None:
+    def reduce_gradients(self) -> None:
         """After the backward of an optimizer step's last micro-batch: reduce what neither DDP nor FSDP's hooks do
         (nothing by default: FSDP reduce-scatters during the backward)."""
 

@@ -145,7 +145,7 @@ def train_step(parts: Parts, objective, batches: Iterator, meter: RunningMeans, 
                         meter.add(f"aux/{k}", v / grad_accum)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and parts.sharding is not None:
-                    parts.sharding.reduce_gradients(model)     # ep: the expert shards' gradients over dp
+                    parts.sharding.reduce_gradients()     # ep: the expert shards' gradients over dp
                 if accelerator.sync_gradients and grad_clip is not None:
                     clip = accelerator if parts.sharding is None else parts.sharding   # fsdp, ep: split gradients
                     grad_norm = clip.clip_grad_norm_(model.parameters(), grad_clip)

@@ -64,7 +64,7 @@ class ExpertParallel(FullStateCheckpoints):
         self.ep_group, self.dp_group = self.mesh.get_group("ep"), self.mesh.get_group("dp")
         self.ep_rank = dist.get_rank(self.ep_group)
         self.expert_names: set[str] = set()       # state-dict names of the routed experts' parameters
-        self._expert_ids: set[int] = set()        # those of the trained model (not the EMA)
+        self._trained: list[nn.Parameter] = []     # the trained model's expert shards (not the EMA's)
 
     # ----------------------------------------------------------------------------------- sharding
     def shard(self, model: nn.Module) -> nn.Module:
@@ -77,7 +77,7 @@ class ExpertParallel(FullStateCheckpoints):
     def exclude_from_ddp(self, model: nn.Module) -> None:
         """Before ``accelerator.prepare``: DDP leaves the expert shards to ``reduce_gradients``."""
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(self.expert_names))
-        self._expert_ids = {id(p) for p in self._experts(model)}
+        self._trained = [p for n, p in model.named_parameters() if n in self.expert_names]
 
     def describe(self, model: nn.Module) -> str:
         layers = [m for m in model.modules() if isinstance(m, MoEMLP)]
@@ -92,13 +92,10 @@ class ExpertParallel(FullStateCheckpoints):
     def is_split(self, name: str) -> bool:
         return name in self.expert_names
 
-    def _experts(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for n, p in model.named_parameters() if n in self.expert_names]
-
     # ----------------------------------------------------------------------------------- gradients
-    def reduce_gradients(self, model: nn.Module) -> None:
+    def reduce_gradients(self) -> None:
         """Expert shards' gradients -> the ddp average: sum over the dp group (one flat all-reduce), / W."""
-        params = self._experts(getattr(model, "module", model))
+        params = self._trained
         for p in params:
             if p.grad is None:      # no row reached this shard on any rank: ddp's gradient of those experts is 0
                 p.grad = torch.zeros_like(p)
@@ -113,7 +110,7 @@ class ExpertParallel(FullStateCheckpoints):
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
         """Clip by the global 2-norm (replicated gradients once, expert shards summed over the ep group)."""
         params = [p for p in parameters if p.grad is not None]
-        experts = self._expert_ids
+        experts = {id(p) for p in self._trained}
         square = lambda grads: (torch.nn.utils.get_total_norm(grads, 2.0).float() ** 2 if grads
                                 else torch.zeros((), device=self.accelerator.device))
         shard = square([p.grad for p in params if id(p) in experts])
